@@ -1,0 +1,3 @@
+"""LesionWatch dicom_io."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""LesionWatch models."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""LesionWatch pipelines."""
+
+__all__: list[str] = []

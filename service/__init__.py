@@ -1,0 +1,3 @@
+"""LesionWatch service."""
+
+__all__: list[str] = []
