@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
+    "DestinationConfig",
+    "DeliveryConfig",
+    "ClientTlsConfig",
     "AllowedCaller",
     "AssemblyConfig",
     "BrokerConfig",
@@ -23,6 +26,7 @@ __all__ = [
     "LateSeriesPolicy",
     "ListenerConfig",
     "LesionWatchConfig",
+    "NewLesionsPipelineConfig",
     "PipelineConfig",
     "PipelinesConfig",
     "SeriesClass",
@@ -147,15 +151,36 @@ class ClassificationConfig(_Section):
 
 class PipelineConfig(_Section):
     enabled: bool = True
+    required_series: tuple[SeriesClass, ...] = Field(
+        (SeriesClass.FLAIR,), min_length=1, description="Series classes the study must contain"
+    )
     weights: Path | None = Field(None, description="Weight file; default is the shipped model")
     min_lesion_volume_mm3: float = Field(3.0, ge=0)
     threshold: float = Field(0.5, gt=0, lt=1)
 
 
+class NewLesionsPipelineConfig(PipelineConfig):
+    prior_required_series: tuple[SeriesClass, ...] = Field(
+        (SeriesClass.FLAIR,), description="Series classes the prior study must contain"
+    )
+
+
 class PipelinesConfig(_Section):
+    """The three MS pipelines. Names here are the pipeline names used in jobs and messages."""
+
     flair: PipelineConfig = PipelineConfig()
-    new_lesions: PipelineConfig = PipelineConfig()
-    enhancing: PipelineConfig = PipelineConfig()
+    new_lesions: NewLesionsPipelineConfig = NewLesionsPipelineConfig()
+    enhancing: PipelineConfig = PipelineConfig(
+        required_series=(SeriesClass.T1_PRE, SeriesClass.T1_POST)
+    )
+
+    def enabled(self) -> dict[str, PipelineConfig]:
+        """Enabled pipelines by name, in a stable order."""
+        return {
+            name: getattr(self, name)
+            for name in ("flair", "new_lesions", "enhancing")
+            if getattr(self, name).enabled
+        }
 
 
 class InferenceConfig(_Section):
@@ -179,6 +204,64 @@ class BrokerConfig(_Section):
         return self
 
 
+class ClientTlsConfig(_Section):
+    """TLS for outgoing associations (LesionWatch as the client of a PACS)."""
+
+    ca_file: Path | None = Field(
+        None, description="CA bundle that signed the PACS certificate; default: system CAs"
+    )
+    cert_file: Path | None = Field(
+        None, description="Client certificate, when the PACS requires one"
+    )
+    key_file: Path | None = Field(None, description="Private key of cert_file")
+    check_hostname: bool = Field(True, description="Verify that the PACS certificate names `host`")
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> ClientTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class DestinationConfig(_Section):
+    """One DICOM node that receives results (SEG, SR, fallback images) by C-STORE."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Short name used in the database, logs and `send-test`")
+    ae_title: AeTitle = Field(description="Called AE title of the destination")
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: AeTitle = Field(
+        "LESIONWATCH", description="Our AE title, as the destination knows it"
+    )
+    tls: ClientTlsConfig | None = None
+    timeout_s: float = Field(
+        30.0, gt=0, description="Connect, association, DIMSE and network timeout"
+    )
+    enabled: bool = True
+
+
+class DeliveryConfig(_Section):
+    """Retry policy for sending results: exponential backoff for transient failures only."""
+
+    max_attempts: int = Field(
+        12, ge=1, description="Transient failures after which a delivery gives up"
+    )
+    initial_backoff_s: float = Field(30.0, gt=0)
+    max_backoff_s: float = Field(3600.0, gt=0)
+    backoff_factor: float = Field(2.0, ge=1)
+    poll_interval_s: float = Field(
+        5.0, gt=0, description="How often the dispatcher looks for due deliveries"
+    )
+    batch_size: int = Field(200, ge=1, description="Most instances sent over one association")
+
+    @model_validator(mode="after")
+    def _cap_above_start(self) -> DeliveryConfig:
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("max_backoff_s must be at least initial_backoff_s")
+        return self
+
+
 class LesionWatchConfig(_Section):
     listener: ListenerConfig = ListenerConfig()
     storage: StorageConfig = StorageConfig()
@@ -188,7 +271,21 @@ class LesionWatchConfig(_Section):
     pipelines: PipelinesConfig = PipelinesConfig()
     inference: InferenceConfig = InferenceConfig()
     broker: BrokerConfig = BrokerConfig()
+    destinations: tuple[DestinationConfig, ...] = ()
+    delivery: DeliveryConfig = DeliveryConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destination_names(
+        cls, value: tuple[DestinationConfig, ...]
+    ) -> tuple[DestinationConfig, ...]:
+        names = [destination.name for destination in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            repeated = ", ".join(duplicates)
+            raise ValueError(f"destination names must be unique; repeated: {repeated}")
+        return value
 
     def database_url(self) -> str:
         """The effective SQLAlchemy URL (SQLite inside the data dir unless one is configured)."""

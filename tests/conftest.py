@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,10 +80,11 @@ def _postgres_available() -> bool:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each database test runs on embedded SQLite and on a real PostgreSQL (fresh schema)."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'lesionwatch.db'}"
+        yield f"sqlite:///{tmp_path / 'lesionwatch.db'}"
+        return
     require_service(_postgres_available(), "PostgreSQL is not reachable on 127.0.0.1:5432")
     import sqlalchemy
 
@@ -92,7 +94,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
     url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    yield url  # type: ignore[misc]
+    yield url
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     admin.dispose()

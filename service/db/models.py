@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    TypeDecorator,
     Enum,
     ForeignKey,
     Integer,
@@ -19,11 +20,30 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from lesionwatch.config.schema import SeriesClass
 
-__all__ = ["Base", "Instance", "Job", "JobState", "Series", "Study", "StudyState", "utcnow"]
+__all__ = ["UTCDateTime", "Base", "Instance", "Job", "JobState", "Series", "Study", "StudyState", "utcnow"]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite would hand back naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -65,9 +85,13 @@ class Study(Base):
     state_reason: Mapped[str] = mapped_column(Text, default="")
     # Incremented when late series reopen a processed study; jobs belong to one generation.
     generation: Mapped[int] = mapped_column(Integer, default=0)
-    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    assembled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    # Start of the current generation's receiving window (the forced deadline counts from here).
+    receiving_since: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    assembled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Series first received after this instant are "late" and not yet handled by the policy.
+    late_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
@@ -85,8 +109,8 @@ class Series(Base):
     manufacturer: Mapped[str] = mapped_column(String(64), default="")
     series_class: Mapped[SeriesClass] = mapped_column(_enum(SeriesClass), default=SeriesClass.OTHER)
     classification_reason: Mapped[str] = mapped_column(Text, default="")
-    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -105,7 +129,7 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -121,7 +145,7 @@ class Job(Base):
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.PENDING, index=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="jobs")

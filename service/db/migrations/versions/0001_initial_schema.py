@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 19:48:41.929399
+Create Date: 2026-11-21 19:50:37.921468
 """
 from alembic import op
 import sqlalchemy as sa
@@ -31,7 +31,9 @@ def upgrade() -> None:
     sa.Column('generation', sa.Integer(), nullable=False),
     sa.Column('first_received_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('last_received_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('receiving_since', sa.DateTime(timezone=True), nullable=False),
     sa.Column('assembled_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('late_checked_at', sa.DateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('study', schema=None) as batch_op:

@@ -1,0 +1,33 @@
+# LesionWatch — the two commands a newcomer needs: `make demo` and `make test`.
+# Both create and fill the project's own virtual environment (.venv) on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	# torch is pinned to the CPU build in pyproject.toml; CUDA builds are installed by deploy/.
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lesionwatch demo
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check service dicom_io pipelines models config tests
+	$(BIN)/ruff format --check service dicom_io pipelines models config tests
+
+bench: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_ingest.py
+	$(BIN)/python tests/benchmarks/bench_sliding_window.py
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,208 @@
+"""Study assembly: decide when a study is complete and create its jobs in the same transaction.
+
+A study is complete when it has been quiet for `quiet_period_s` and at least one enabled
+pipeline has every series it requires. A study that never gets there is decided at
+`deadline_s` after its receiving window opened: jobs for whatever can run, or INCOMPLETE with
+the reason. Series that arrive after assembly are handled by `late_series_policy`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from lesionwatch.config.schema import (
+    AssemblyConfig,
+    LateSeriesPolicy,
+    PipelinesConfig,
+    SeriesClass,
+)
+
+from .db.models import Job, JobState, Series, Study, StudyState, utcnow
+from .priors import find_local_prior
+
+__all__ = ["AssemblyDecision", "StudyAssembler", "runnable_pipelines"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AssemblyDecision:
+    study_instance_uid: str
+    state: StudyState
+    jobs: tuple[str, ...]
+    reason: str
+    generation: int = 0
+
+
+@dataclass
+class _Plan:
+    runnable: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def runnable_pipelines(
+    session: Session, study: Study, pipelines: PipelinesConfig, only: Iterable[str] | None = None
+) -> _Plan:
+    """Which enabled pipelines can run on `study` now, with a note for each that cannot."""
+    present = {s.series_class for s in study.series}
+    plan = _Plan()
+    wanted = set(only) if only is not None else None
+    for name, cfg in pipelines.enabled().items():
+        if wanted is not None and name not in wanted:
+            continue
+        missing = [c.value for c in cfg.required_series if c not in present]
+        if missing:
+            plan.notes.append(f"{name}: waiting for series {', '.join(missing)}")
+            continue
+        if name == "new_lesions":
+            prior = find_local_prior(session, study, pipelines.new_lesions.prior_required_series)
+            if prior is None:
+                plan.notes.append(f"{name}: no prior study with FLAIR for this patient")
+                continue
+        plan.runnable.append(name)
+    return plan
+
+
+class StudyAssembler:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        assembly: AssemblyConfig,
+        pipelines: PipelinesConfig,
+    ) -> None:
+        self._sessions = sessions
+        self._assembly = assembly
+        self._pipelines = pipelines
+
+    def run_once(self, now: datetime | None = None) -> list[AssemblyDecision]:
+        """One pass over open studies; each decision is its own transaction."""
+        now = now or utcnow()
+        decisions: list[AssemblyDecision] = []
+        for study_id in self._candidate_ids(now):
+            decision = self._decide(study_id, now)
+            if decision is not None:
+                decisions.append(decision)
+                log.info(
+                    "study %s -> %s (generation %d) jobs=%s %s",
+                    decision.study_instance_uid,
+                    decision.state.value,
+                    decision.generation,
+                    ",".join(decision.jobs) or "-",
+                    decision.reason,
+                )
+        return decisions
+
+    def _candidate_ids(self, now: datetime) -> list[int]:
+        quiet_since = now - timedelta(seconds=self._assembly.quiet_period_s)
+        deadline_since = now - timedelta(seconds=self._assembly.deadline_s)
+        with self._sessions() as session:
+            receiving = select(Study.id).where(
+                Study.state == StudyState.RECEIVING,
+                (Study.last_received_at <= quiet_since) | (Study.receiving_since <= deadline_since),
+            )
+            # Assembled studies with a series newer than the last look at late series.
+            late = (
+                select(Study.id)
+                .join(Series, Series.study_id == Study.id)
+                .where(
+                    Study.state.in_((StudyState.READY, StudyState.INCOMPLETE)),
+                    Series.first_received_at > Study.assembled_at,
+                    (Study.late_checked_at.is_(None)) | (Series.first_received_at > Study.late_checked_at),
+                )
+                .distinct()
+            )
+            return sorted(set(session.scalars(receiving)) | set(session.scalars(late)))
+
+    def _decide(self, study_id: int, now: datetime) -> AssemblyDecision | None:
+        with self._sessions.begin() as session:
+            # Row lock (PostgreSQL) so that several assemblers never decide the same study twice.
+            study = session.scalars(
+                select(Study)
+                .where(Study.id == study_id)
+                .options(selectinload(Study.series))
+                .with_for_update(skip_locked=True, of=Study)
+            ).one_or_none()
+            if study is None:
+                return None
+            if study.state == StudyState.RECEIVING:
+                return self._assemble(session, study, now)
+            return self._handle_late_series(session, study, now)
+
+    def _assemble(self, session: Session, study: Study, now: datetime) -> AssemblyDecision | None:
+        quiet = now - study.last_received_at >= timedelta(seconds=self._assembly.quiet_period_s)
+        overdue = now - study.receiving_since >= timedelta(seconds=self._assembly.deadline_s)
+        only = self._pending_pipeline_filter(study)
+        plan = runnable_pipelines(session, study, self._pipelines, only)
+        if not plan.runnable and not overdue:
+            return None  # quiet but nothing can run yet: wait for series until the deadline
+        if not quiet and not overdue:
+            return None
+        reason_parts = [] if quiet else [f"forced at deadline ({self._assembly.deadline_s:g} s)"]
+        reason_parts += plan.notes
+        study.assembled_at = now
+        study.late_checked_at = now
+        if not plan.runnable:
+            study.state = StudyState.INCOMPLETE
+            study.state_reason = "; ".join(reason_parts) or "no pipeline can run"
+            return AssemblyDecision(study.study_instance_uid, study.state, (), study.state_reason, study.generation)
+        # Earlier generations' unfinished jobs are replaced by this one.
+        session.execute(
+            update(Job)
+            .where(Job.study_id == study.id, Job.generation < study.generation, Job.state == JobState.PENDING)
+            .values(state=JobState.SUPERSEDED, reason=f"superseded by generation {study.generation}")
+        )
+        for name in plan.runnable:
+            session.add(Job(study_id=study.id, pipeline=name, generation=study.generation, created_at=now, updated_at=now))
+        study.state = StudyState.READY
+        study.state_reason = "; ".join(reason_parts)
+        return AssemblyDecision(
+            study.study_instance_uid, study.state, tuple(plan.runnable), study.state_reason, study.generation
+        )
+
+    def _pending_pipeline_filter(self, study: Study) -> list[str] | None:
+        """In a reprocessing generation under REPROCESS_IF_REQUIRED, only the pipelines whose
+        required series arrived late run again; otherwise every enabled pipeline is considered."""
+        if study.generation == 0 or self._assembly.late_series_policy != LateSeriesPolicy.REPROCESS_IF_REQUIRED:
+            return None
+        late_classes = {s.series_class for s in study.series if s.first_received_at >= study.receiving_since}
+        return [
+            name for name, cfg in self._pipelines.enabled().items() if late_classes & set(cfg.required_series)
+        ]
+
+    def _handle_late_series(self, session: Session, study: Study, now: datetime) -> AssemblyDecision | None:
+        checked = study.late_checked_at or study.assembled_at
+        assert checked is not None
+        late = [s for s in study.series if s.first_received_at > checked]
+        if not late:
+            return None
+        study.late_checked_at = now
+        described = ", ".join(f"{s.series_number or '?'} {s.series_class.value}" for s in late)
+        if study.state == StudyState.INCOMPLETE:
+            # Nothing ran: a study waiting for series simply resumes receiving.
+            return self._reopen(study, now, f"series arrived after it was marked incomplete: {described}", bump=False)
+        policy = self._assembly.late_series_policy
+        required: set[SeriesClass] = set()
+        for cfg in self._pipelines.enabled().values():
+            required |= set(cfg.required_series)
+        if policy == LateSeriesPolicy.IGNORE or (
+            policy == LateSeriesPolicy.REPROCESS_IF_REQUIRED and not ({s.series_class for s in late} & required)
+        ):
+            note = f"late series ignored ({policy.value}): {described}"
+            study.state_reason = "; ".join(p for p in (study.state_reason, note) if p)
+            return AssemblyDecision(study.study_instance_uid, study.state, (), note, study.generation)
+        return self._reopen(study, min(s.first_received_at for s in late), f"late series: {described}", bump=True)
+
+    @staticmethod
+    def _reopen(study: Study, since: datetime, reason: str, *, bump: bool) -> AssemblyDecision:
+        if bump:
+            study.generation += 1
+        study.state = StudyState.RECEIVING
+        study.receiving_since = since
+        study.state_reason = reason
+        return AssemblyDecision(study.study_instance_uid, study.state, (), reason, study.generation)
