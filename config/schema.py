@@ -136,7 +136,12 @@ class ClassificationRule(_Section):
     def _patterns_compile(cls, value: dict[str, str]) -> dict[str, str]:
         import re
 
+        from pydicom.datadict import tag_for_keyword
+
         for keyword, pattern in value.items():
+            # A misspelt keyword would silently never match; say so when the config is loaded.
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f"{keyword!r} is not a DICOM keyword (e.g. SeriesDescription)")
             try:
                 re.compile(pattern)
             except re.error as exc:

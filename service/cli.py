@@ -99,8 +99,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from lesionwatch.dicom_io.convert import convert_series
+    from lesionwatch.dicom_io.series_errors import DicomSeriesError
 
-    volume = convert_series(args.series_dir, args.output, series_instance_uid=args.series_uid)
+    try:
+        volume = convert_series(args.series_dir, args.output, series_instance_uid=args.series_uid)
+    except (DicomSeriesError, FileNotFoundError, NotADirectoryError) as exc:
+        raise CommandError(str(exc)) from exc
     i, j, k = volume.shape_ijk
     spacing = " x ".join(f"{s:.4g}" for s in volume.spacing_mm)
     print(f"wrote {args.output}: {i} x {j} x {k} voxels, spacing {spacing} mm")
@@ -145,6 +149,45 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     engine, _ = open_database(config)
     engine.dispose()
     print("database schema is at the newest revision")
+    return 0
+
+
+def _cmd_send_test(args: argparse.Namespace) -> int:
+    from .send_test import check_destination, format_report
+
+    config = _load(args)
+    by_name = {d.name: d for d in config.destinations}
+    if args.destination not in by_name:
+        known = ", ".join(sorted(by_name)) or "none configured"
+        raise CommandError(f"no destination named {args.destination!r} in the config (known: {known})")
+    report = check_destination(by_name[args.destination])
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def _cmd_dispatcher(args: argparse.Namespace) -> int:
+    import threading
+
+    from .dispatcher import Dispatcher
+    from .server import open_database
+
+    config = _load(args)
+    configure_logging(config.log_level)
+    if not config.destinations:
+        raise CommandError("no destinations configured: add a `destinations:` section to the config")
+    engine, sessions = open_database(config)
+    stop = threading.Event()
+
+    def _shutdown(signum: int, _frame: object) -> None:
+        log.info("received %s, dispatcher stopping after the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _shutdown)
+    signal.signal(signal.SIGINT, _shutdown)
+    try:
+        Dispatcher(sessions, config.destinations, config.delivery, base_dir=config.storage.data_dir).run_forever(stop)
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -207,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(upgrade)
     upgrade.add_argument("--database", help="SQLAlchemy database URL (database.url)")
     upgrade.set_defaults(handler=_cmd_db_upgrade)
+
+    send_test = command("send-test", _cmd_send_test, "Check a result destination: C-ECHO plus a test object.")
+    send_test.add_argument("destination", help="name of a destination in the config")
+    _add_config_option(send_test)
+
+    dispatcher = command("dispatcher", _cmd_dispatcher, "Deliver results to the configured destinations.")
+    _add_config_option(dispatcher)
 
     demo = command("demo", _cmd_demo, "Start the service on embedded defaults and send it a real MS study.")
     demo.add_argument("--workdir", type=Path, help="keep the demo's archive and database here")

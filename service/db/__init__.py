@@ -7,3 +7,6 @@ __all__ = [
     "Base", "Instance", "Job", "JobState", "Series", "Study", "StudyState",
     "create_db_engine", "migrate", "session_factory",
 ]
+
+# Registers the outbox tables on Base.metadata (Alembic's env imports this package).
+from . import delivery_models as delivery_models  # noqa: E402,F401
