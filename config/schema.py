@@ -29,6 +29,7 @@ __all__ = [
     "NewLesionsPipelineConfig",
     "PipelineConfig",
     "PipelinesConfig",
+    "ResultsConfig",
     "SeriesClass",
     "StorageConfig",
     "TlsConfig",
@@ -267,6 +268,35 @@ class DeliveryConfig(_Section):
         return self
 
 
+class ResultsConfig(_Section):
+    """Which result objects a job produces, and how they name their creator."""
+
+    seg: bool = Field(True, description="DICOM Segmentation with the lesion masks")
+    sr: bool = Field(True, description="DICOM SR TID 1500 measurement report (references the SEG)")
+    secondary_capture: bool = Field(
+        True, description="Outlines burned onto source slices, for PACS that cannot show SEG"
+    )
+    secondary_capture_all_slices: bool = Field(
+        False, description="Render every slice instead of only slices that show a lesion"
+    )
+    json_export: bool = Field(True, description="JSON file with the same numbers as the SR")
+    manufacturer: str = Field("LesionWatch", min_length=1, max_length=64)
+    model_name: str = Field("LesionWatch", min_length=1, max_length=64)
+    uid_prefix: str | None = Field(
+        None,
+        max_length=40,
+        pattern=r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.$",
+        description="Organisation UID root (ending in '.') for result UIDs; pydicom's when unset",
+    )
+    series_number_base: int = Field(9000, ge=1, le=2**31 - 1000)
+
+    @model_validator(mode="after")
+    def _sr_needs_seg(self) -> ResultsConfig:
+        if self.sr and not self.seg:
+            raise ValueError("results.sr needs results.seg: the report references SEG segments")
+        return self
+
+
 class LesionWatchConfig(_Section):
     listener: ListenerConfig = ListenerConfig()
     storage: StorageConfig = StorageConfig()
@@ -278,6 +308,7 @@ class LesionWatchConfig(_Section):
     broker: BrokerConfig = BrokerConfig()
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = DeliveryConfig()
+    results: ResultsConfig = ResultsConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("destinations")

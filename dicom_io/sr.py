@@ -1,0 +1,363 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) with the lesion table of a job.
+
+Content, in TID 1500 order:
+- observation context: the LesionWatch device as observer;
+- procedure reported (CID 100);
+- imaging measurements:
+  - one TID 1411 volumetric group per lesion: tracking identifier + UID, finding category and
+    type, finding site brain, volume (mL, sum of segmented voxels) and longest diameter (mm)
+    each with its algorithm (name, version, model card hash), a reference to its SEG segment,
+    and for new lesions the evaluation "New";
+  - one summary group per finding type on its whole segment: number of lesions and total
+    volume (TID 1411 as well, see `_summary_group`);
+- qualitative evaluations (report level): whether a prior was compared (and which), and
+  every analysis state a reader must know (no prior, series missing, quality warnings).
+The document is COMPLETE and UNVERIFIED: no human has signed it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from lesionwatch.dicom_io.codes import (
+    ALGORITHM_FAMILY,
+    ANATOMIC_REGION_BRAIN,
+    ASSESSMENT_BY_COMPARISON,
+    COMMENT,
+    COMPARISON_WITH_PRIOR_DONE,
+    FINDING_CONCEPTS,
+    LESIONS_UNIT,
+    LONG_AXIS,
+    MILLILITER,
+    MILLIMETER,
+    NO,
+    NUMBER_OF_LESIONS,
+    PROCEDURE_REPORTED,
+    QUALITATIVE_EVALUATIONS,
+    SUM_OF_SEGMENTED_VOXELS,
+    VOLUME,
+    YES,
+    FindingType,
+)
+from lesionwatch.dicom_io.output_uids import derive_uid
+from lesionwatch.dicom_io.seg import AlgorithmIdentity, Equipment
+
+__all__ = [
+    "AnalysisNote",
+    "AnalysisState",
+    "FindingReport",
+    "LesionMeasurement",
+    "PriorStudyReference",
+    "build_measurement_report",
+]
+
+class AnalysisState(enum.StrEnum):
+    """States of the analysis that a reader must see in the report."""
+
+    NO_PRIOR_AVAILABLE = "no_prior_available"
+    SERIES_MISSING = "series_missing"
+    QUALITY_WARNING = "quality_warning"
+
+
+@dataclass(frozen=True)
+class AnalysisNote:
+    state: AnalysisState
+    detail: str  # plain words for the reader, e.g. "no T1 post-contrast series: not assessed"
+
+    def text(self) -> str:
+        heading = {
+            AnalysisState.NO_PRIOR_AVAILABLE: "No prior study available",
+            AnalysisState.SERIES_MISSING: "Series missing",
+            AnalysisState.QUALITY_WARNING: "Quality warning",
+        }[self.state]
+        return f"{heading}: {self.detail}" if self.detail else heading
+
+
+@dataclass(frozen=True)
+class LesionMeasurement:
+    """One row of a lesion table, as the report needs it.
+
+    Field names follow `pipelines.postprocess.Lesion`; `from_lesion` takes that (or any
+    object with those attributes), so the pipelines need not depend on this module.
+    Index tuples are (i, j, k) on the source grid; the bounding box is inclusive.
+    """
+
+    lesion_id: int
+    volume_ml: float
+    centroid_lps_mm: tuple[float, float, float]
+    bbox_min_ijk: tuple[int, int, int] | None = None
+    bbox_max_ijk: tuple[int, int, int] | None = None
+    longest_diameter_mm: float | None = None
+    tracking_uid: str | None = None  # stable across studies when the lesion is tracked
+
+    @classmethod
+    def from_lesion(cls, lesion: Any) -> LesionMeasurement:
+        def ijk(name: str) -> tuple[int, int, int] | None:
+            value = getattr(lesion, name, None)
+            return None if value is None else (int(value[0]), int(value[1]), int(value[2]))
+
+        diameter = getattr(lesion, "longest_diameter_mm", None)
+        x, y, z = (float(c) for c in lesion.centroid_lps_mm)
+        return cls(
+            lesion_id=int(lesion.lesion_id),
+            volume_ml=float(lesion.volume_ml),
+            centroid_lps_mm=(x, y, z),
+            bbox_min_ijk=ijk("bbox_min_ijk"),
+            bbox_max_ijk=ijk("bbox_max_ijk"),
+            longest_diameter_mm=None if diameter is None else float(diameter),
+            tracking_uid=getattr(lesion, "tracking_uid", None),
+        )
+
+
+@dataclass(frozen=True)
+class PriorStudyReference:
+    """The prior study a comparison (new lesions) was made against."""
+
+    study_instance_uid: str
+    study_date: str | None = None  # DICOM DA, YYYYMMDD
+    series: Sequence[Dataset] = ()  # prior images used; recorded as pertinent other evidence
+
+    def text(self) -> str:
+        date = self.study_date or "unknown date"
+        if self.study_date and len(self.study_date) == 8:
+            date = f"{self.study_date[:4]}-{self.study_date[4:6]}-{self.study_date[6:]}"
+        return f"Compared with prior study of {date} (Study Instance UID {self.study_instance_uid})"
+
+
+@dataclass(frozen=True)
+class FindingReport:
+    """The lesions of one finding type and where their segment lives."""
+
+    finding_type: FindingType
+    lesions: Sequence[LesionMeasurement]
+    segmentation: Dataset | None  # the SEG holding this finding type's segment (None: no SEG)
+    segment_number: int
+    source_series_instance_uid: str
+    algorithm: AlgorithmIdentity
+
+    @property
+    def total_volume_ml(self) -> float:
+        return float(sum(lesion.volume_ml for lesion in self.lesions))
+
+
+def _algorithm_id(algorithm: AlgorithmIdentity) -> hd.sr.AlgorithmIdentification:
+    # TID 4019 on each measurement (TID 300), where validators expect it.
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=[f"{k}={v}" for k, v in algorithm.parameters().items()],
+        family=ALGORITHM_FAMILY,
+    )
+
+
+def _referenced_segment(finding: FindingReport) -> hd.sr.ReferencedSegment:
+    if finding.segmentation is None:
+        raise ValueError(
+            f"{finding.finding_type.value}: the measurement report references SEG segments, "
+            f"but no SEG was built (enable results.seg)"
+        )
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=finding.segmentation.SOPClassUID,
+        sop_instance_uid=finding.segmentation.SOPInstanceUID,
+        segment_number=finding.segment_number,
+        source_series=hd.sr.SourceSeriesForSegmentation(finding.source_series_instance_uid),
+    )
+
+
+def _evaluations(finding: FindingReport) -> list[hd.sr.QualitativeEvaluation] | None:
+    """The evaluation "New" for new lesions (the SEG type modifier, coded in the SR)."""
+    modifier = FINDING_CONCEPTS[finding.finding_type].property_type_modifier
+    if modifier is None:
+        return None
+    return [hd.sr.QualitativeEvaluation(ASSESSMENT_BY_COMPARISON, modifier)]
+
+
+def _lesion_group(
+    finding: FindingReport,
+    lesion: LesionMeasurement,
+    tracking_uid: str,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    concept = FINDING_CONCEPTS[finding.finding_type]
+    measurements = [
+        hd.sr.Measurement(
+            name=VOLUME,
+            value=lesion.volume_ml,
+            unit=MILLILITER,
+            method=SUM_OF_SEGMENTED_VOXELS,
+            algorithm_id=_algorithm_id(finding.algorithm),
+        )
+    ]
+    if lesion.longest_diameter_mm is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=LONG_AXIS,
+                value=lesion.longest_diameter_mm,
+                unit=MILLIMETER,
+                algorithm_id=_algorithm_id(finding.algorithm),
+            )
+        )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"{concept.label} {lesion.lesion_id}"
+        ),
+        referenced_segment=_referenced_segment(finding),
+        finding_type=concept.property_type,
+        finding_category=concept.category,
+        finding_sites=[hd.sr.FindingSite(ANATOMIC_REGION_BRAIN)],
+        measurements=measurements,
+        qualitative_evaluations=_evaluations(finding),
+    )
+
+
+def _summary_group(
+    finding: FindingReport, tracking_uid: str
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """Count and total volume of one finding type: a TID 1411 group on the whole segment.
+
+    A TID 1501 group would fit too, but validators (PixelMed) check every group of a report
+    against TID 1411 as soon as one group references a segment.
+    """
+    concept = FINDING_CONCEPTS[finding.finding_type]
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"Summary: {concept.label}"[:64]
+        ),
+        referenced_segment=_referenced_segment(finding),
+        finding_type=concept.property_type,
+        finding_category=concept.category,
+        finding_sites=[hd.sr.FindingSite(ANATOMIC_REGION_BRAIN)],
+        measurements=[
+            hd.sr.Measurement(
+                name=NUMBER_OF_LESIONS,
+                value=len(finding.lesions),
+                unit=LESIONS_UNIT,
+                algorithm_id=_algorithm_id(finding.algorithm),
+            ),
+            hd.sr.Measurement(
+                name=VOLUME,
+                value=finding.total_volume_ml,
+                unit=MILLILITER,
+                method=SUM_OF_SEGMENTED_VOXELS,
+                algorithm_id=_algorithm_id(finding.algorithm),
+            ),
+        ],
+        qualitative_evaluations=_evaluations(finding),
+    )
+
+
+def _report_evaluations(
+    prior: PriorStudyReference | None, notes: Sequence[AnalysisNote]
+) -> hd.sr.ContainerContentItem:
+    """TID 1500 row "Qualitative Evaluations": report-level CODE and TEXT items."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(
+            name=COMPARISON_WITH_PRIOR_DONE,
+            value=YES if prior is not None else NO,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    ]
+    texts = [prior.text()] if prior is not None else []
+    texts += [note.text() for note in notes]
+    items += [
+        hd.sr.TextContentItem(
+            name=COMMENT, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        for text in texts
+    ]
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def build_measurement_report(
+    findings: Sequence[FindingReport],
+    evidence: Sequence[Dataset],
+    *,
+    job_key: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    equipment: Equipment,
+    prior: PriorStudyReference | None = None,
+    notes: Sequence[AnalysisNote] = (),
+    uid_prefix: str | None = None,
+    series_description: str = "LesionWatch measurement report (computer-generated)",
+) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 report of a job.
+
+    `evidence` is every instance the report rests on: the current source images first (the
+    report takes patient and study from `evidence[0]`), then the SEGs in `findings`; prior
+    images from `prior.series` are added as pertinent other evidence.
+    """
+    if not findings:
+        raise ValueError("a measurement report needs at least one finding type")
+    if prior is None and any(f.finding_type is FindingType.NEW_LESION for f in findings):
+        raise ValueError("new lesions are reported but no prior study reference was given")
+
+    device_uid = derive_uid(job_key, "sr/observer-device", uid_prefix)
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid,
+                name=equipment.model_name,
+                manufacturer_name=equipment.manufacturer,
+                model_name=equipment.model_name,
+                serial_number=equipment.device_serial_number,
+            ),
+        )
+    )
+    # Summary groups first: a reader sees the totals before the per-lesion rows.
+    groups: list[Any] = []
+    for finding in findings:
+        role = f"tracking/summary/{finding.finding_type.value}"
+        groups.append(_summary_group(finding, derive_uid(job_key, role, uid_prefix)))
+    for finding in findings:
+        for lesion in finding.lesions:
+            tracking_uid = lesion.tracking_uid or derive_uid(
+                job_key, f"tracking/{finding.finding_type.value}/{lesion.lesion_id}", uid_prefix
+            )
+            groups.append(_lesion_group(finding, lesion, tracking_uid))
+
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=PROCEDURE_REPORTED,
+        imaging_measurements=groups,
+    )
+    report[0].ContentSequence.append(_report_evaluations(prior, notes))
+
+    all_evidence = list(evidence)
+    known = {ds.SOPInstanceUID for ds in all_evidence}
+    for finding in findings:
+        if finding.segmentation is not None and finding.segmentation.SOPInstanceUID not in known:
+            all_evidence.append(finding.segmentation)
+            known.add(finding.segmentation.SOPInstanceUID)
+    if prior is not None:
+        all_evidence += [ds for ds in prior.series if ds.SOPInstanceUID not in known]
+
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=all_evidence,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=equipment.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    sr.SeriesDescription = series_description[:64]
+    sr.ManufacturerModelName = equipment.model_name
+    sr.SoftwareVersions = equipment.software_versions
+    sr.DeviceSerialNumber = equipment.device_serial_number
+    return sr
