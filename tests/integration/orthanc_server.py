@@ -60,8 +60,15 @@ class OrthancServer:
     def log_file(self) -> Path:
         return self.workdir / "orthanc.log"
 
-    def request(self, method: str, path: str, body: bytes | None = None, *, timeout_s: float = 300,
-                content_type: str = "application/json") -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        timeout_s: float = 300,
+        content_type: str = "application/json",
+    ) -> Any:
         """One REST call; returns the decoded JSON answer (or raw bytes when not JSON)."""
         request = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:

@@ -1,0 +1,315 @@
+"""The durable instance archive: one file per SOP instance, exactly as it was received.
+
+Layout: ``<data_dir>/archive/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+A file is written to a temporary name in ``archive/.incoming`` (same file system), fsynced,
+renamed over its final name and that directory fsynced, so once :meth:`PendingInstance.finish`
+(or :meth:`Archive.store`) returns the instance survives a crash, and a crash mid-write leaves
+at most a temporary file, never a half-written instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+__all__ = [
+    "Archive",
+    "ArchiveError",
+    "ArchivedFile",
+    "ArchivedInstance",
+    "InvalidUidError",
+    "OutOfSpaceError",
+    "PendingInstance",
+    "StoreOutcome",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+# DICOM UIDs are digits and dots; a few letters and dashes are tolerated because real devices
+# send them, but nothing that could climb out of the archive directory ("/", "..", NUL).
+_UID_PATTERN = re.compile(r"[0-9A-Za-z._-]{1,64}")
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_BYTES_PER_MB = 1024 * 1024
+_TEMP_SUFFIX = ".tmp"
+# Files are written here, named by no UID yet, while the header is checked; a rename on the
+# same file system then moves them into place. Leftovers are unacknowledged partial writes.
+_INCOMING = ".incoming"
+_STALE_INCOMING_S = 3600.0  # older temporary files are crash leftovers, not writes in progress
+
+
+class ArchiveError(Exception):
+    """An instance could not be archived (the sender may retry)."""
+
+
+class OutOfSpaceError(ArchiveError):
+    """Free disk space is below the watermark, or the disk filled up during the write."""
+
+
+class InvalidUidError(ArchiveError):
+    """A UID cannot be used as an archive path component."""
+
+
+class StoreOutcome(enum.StrEnum):
+    STORED = "stored"  # a new instance
+    DUPLICATE = "duplicate"  # the same bytes were already archived; nothing written
+    REPLACED = "replaced"  # the instance existed with other content; replaced atomically
+
+
+class ArchivedFile(Protocol):
+    """Where an instance is (or is about to be) archived, and what its bytes are."""
+
+    relative_path: PurePosixPath
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedInstance:
+    relative_path: PurePosixPath  # relative to the archive root, with "/" separators
+    size_bytes: int
+    sha256: str
+    outcome: StoreOutcome
+    previous_sha256: str | None = None  # set when outcome is REPLACED
+
+
+def _check_uid(name: str, uid: str) -> str:
+    if not _UID_PATTERN.fullmatch(uid) or set(uid) == {"."}:
+        raise InvalidUidError(f"{name} {uid!r} is not a valid UID (digits and dots, at most 64)")
+    return uid
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_of_file(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+class Archive:
+    """Stores received instances durably under ``<data_dir>/archive``.
+
+    Parameters
+    ----------
+    data_dir:
+        The service's data directory (``storage.data_dir``).
+    fsync:
+        fsync each file and its directory before :meth:`store` returns (``storage.fsync``).
+    min_free_disk_mb:
+        :meth:`store` refuses new instances while less space is free (``storage.min_free_disk_mb``).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        fsync: bool = True,
+        min_free_disk_mb: int = 0,
+        max_parallel_writes: int = 8,
+    ) -> None:
+        self.root = Path(data_dir) / "archive"
+        self.fsync = fsync
+        self.min_free_disk_mb = min_free_disk_mb
+        self.incoming = self.root / _INCOMING
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_incoming()
+        self._writer = ThreadPoolExecutor(max_parallel_writes, thread_name_prefix="archive-write")
+
+    def relative_path(
+        self, study_uid: str, series_uid: str, sop_instance_uid: str
+    ) -> PurePosixPath:
+        return PurePosixPath(
+            _check_uid("StudyInstanceUID", study_uid),
+            _check_uid("SeriesInstanceUID", series_uid),
+            _check_uid("SOPInstanceUID", sop_instance_uid) + ".dcm",
+        )
+
+    def path_of(self, relative_path: PurePosixPath | str) -> Path:
+        return self.root / PurePosixPath(relative_path)
+
+    def free_disk_mb(self) -> float:
+        return shutil.disk_usage(self.root).free / _BYTES_PER_MB
+
+    def check_free_space(self) -> None:
+        """Raise :class:`OutOfSpaceError` when free space is below the watermark."""
+        free_mb = self.free_disk_mb()
+        if free_mb < self.min_free_disk_mb:
+            raise OutOfSpaceError(
+                f"{free_mb:.0f} MB free < storage.min_free_disk_mb={self.min_free_disk_mb} "
+                f"at {self.root}; free disk space or lower the watermark"
+            )
+
+    def store(
+        self, study_uid: str, series_uid: str, sop_instance_uid: str, parts: Sequence[bytes]
+    ) -> ArchivedInstance:
+        """Archive one instance whose file content is the concatenation of ``parts``.
+
+        Idempotent: identical content already archived is left alone (``DUPLICATE``); other
+        content replaces the old file atomically (``REPLACED``).
+        """
+        pending = self.begin(parts)
+        try:
+            return pending.place(study_uid, series_uid, sop_instance_uid).finish()
+        except BaseException:
+            pending.discard()
+            raise
+
+    def begin(self, parts: Sequence[bytes]) -> PendingInstance:
+        """Start writing and fsyncing an instance in the background; see :class:`PendingInstance`.
+
+        Refuses (:class:`OutOfSpaceError`) below the disk watermark, before writing anything.
+        """
+        self.check_free_space()
+        return PendingInstance(self, parts)
+
+    def _remove_stale_incoming(self) -> None:
+        # Leftovers of a crash: never acknowledged, so the sender has (or will) send them again.
+        stale_before = time.time() - _STALE_INCOMING_S
+        for temp in self.incoming.glob(f"*{_TEMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                if temp.stat().st_mtime < stale_before:
+                    temp.unlink()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    def _make_directories(self, directory: Path) -> None:
+        # A directory created here is durable only once its parent's entry is fsynced too.
+        missing: list[Path] = []
+        probe = directory
+        while not probe.is_dir():
+            missing.append(probe)
+            probe = probe.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue  # another association created it at the same time
+            except OSError as exc:
+                raise self._error_for(exc, path) from exc
+            if self.fsync:
+                _fsync_directory(path.parent)
+
+    @staticmethod
+    def _error_for(exc: OSError, path: Path) -> ArchiveError:
+        if exc.errno in _NO_SPACE_ERRNOS:
+            return OutOfSpaceError(f"disk full while writing {path}: {exc.strerror}")
+        return ArchiveError(f"cannot write {path}: {exc}")
+
+
+class PendingInstance:
+    """An instance being written to ``archive/.incoming`` by a background thread.
+
+    The caller checks the header meanwhile, then :meth:`place` names its final path and
+    :meth:`finish` waits for the fsynced temporary file, renames it into place and fsyncs the
+    directory. Until then nothing is visible in the archive; :meth:`discard` drops it.
+    """
+
+    def __init__(self, archive: Archive, parts: Sequence[bytes]) -> None:
+        self._archive = archive
+        digest = hashlib.sha256()
+        size_bytes = 0
+        for part in parts:
+            digest.update(part)
+            size_bytes += len(part)
+        self.sha256 = digest.hexdigest()
+        self.size_bytes = size_bytes
+        self.relative_path = PurePosixPath()
+        self._sop_instance_uid = ""
+        self._result: ArchivedInstance | None = None
+        self._temp: Future[Path] = archive._writer.submit(self._write_temp, parts)
+
+    def place(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> PendingInstance:
+        self.relative_path = self._archive.relative_path(study_uid, series_uid, sop_instance_uid)
+        self._sop_instance_uid = sop_instance_uid
+        return self
+
+    def finish(self) -> ArchivedInstance:
+        """Make the instance durable at its place (idempotent); raises :class:`ArchiveError`."""
+        if self._result is not None:
+            return self._result
+        if not self.relative_path.parts:
+            raise ArchiveError("place() the instance before finishing it")
+        temp = self._temp.result()
+        archive = self._archive
+        target = archive.root / self.relative_path
+        relative, size_bytes, sha256 = self.relative_path, self.size_bytes, self.sha256
+        try:
+            previous_sha256: str | None = None
+            if target.exists():
+                previous_sha256 = _sha256_of_file(target)
+                if previous_sha256 == sha256:
+                    temp.unlink(missing_ok=True)
+                    self._result = ArchivedInstance(
+                        relative, size_bytes, sha256, StoreOutcome.DUPLICATE
+                    )
+                    return self._result
+            archive._make_directories(target.parent)
+            os.replace(temp, target)
+            if archive.fsync:
+                _fsync_directory(target.parent)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise archive._error_for(exc, target) from exc
+        if previous_sha256 is None:
+            self._result = ArchivedInstance(relative, size_bytes, sha256, StoreOutcome.STORED)
+        else:
+            LOGGER.warning(
+                "instance %s re-sent with different content: replaced %s (sha256 %s -> %s)",
+                self._sop_instance_uid,
+                relative,
+                previous_sha256,
+                sha256,
+            )
+            self._result = ArchivedInstance(
+                relative, size_bytes, sha256, StoreOutcome.REPLACED, previous_sha256
+            )
+        return self._result
+
+    def discard(self) -> None:
+        """Drop the unfinished write (a refused instance leaves nothing behind)."""
+        if self._result is not None:
+            return
+        try:
+            temp = self._temp.result()
+        except ArchiveError:
+            return  # the writer already removed its file
+        temp.unlink(missing_ok=True)
+
+    def _write_temp(self, parts: Sequence[bytes]) -> Path:
+        archive = self._archive
+        fd, temp_name = tempfile.mkstemp(suffix=_TEMP_SUFFIX, dir=archive.incoming)
+        temp = Path(temp_name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for part in parts:
+                    handle.write(part)
+                handle.flush()
+                if archive.fsync:
+                    os.fsync(handle.fileno())
+            os.chmod(temp, 0o644)  # mkstemp creates 0600; archive files are readable by workers
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise archive._error_for(exc, temp) from exc
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return temp
