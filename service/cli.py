@@ -191,6 +191,42 @@ def _cmd_dispatcher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment_flair(args: argparse.Namespace) -> int:
+    from lesionwatch.dicom_io.series_errors import DicomSeriesError
+    from lesionwatch.models.weights import ModelCardMismatchError, WeightsIntegrityError
+    from lesionwatch.pipelines.steps.brain_mask import BrainMaskError
+
+    from .segment_command import SegmentInputError, segment_flair
+
+    config = _load(args)
+    configure_logging(config.log_level)
+    try:
+        outputs = segment_flair(
+            config,
+            args.flair,
+            args.out,
+            t1_source=args.t1,
+            table_csv=args.table,
+            weights=args.weights,
+            dicom_out=args.dicom_out,
+        )
+    except (
+        SegmentInputError,
+        DicomSeriesError,
+        ModelCardMismatchError,
+        WeightsIntegrityError,
+        BrainMaskError,
+    ) as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"wrote {outputs.mask_path}: {outputs.lesion_count} lesions, {outputs.total_volume_ml:.2f} mL")
+    if args.table:
+        print(f"wrote {args.table}")
+    for path in outputs.dicom_files:
+        print(f"wrote {path}")
+    print("time per step: " + ", ".join(f"{k} {v:.1f} s" for k, v in outputs.timings_s.items()))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -250,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(upgrade)
     upgrade.add_argument("--database", help="SQLAlchemy database URL (database.url)")
     upgrade.set_defaults(handler=_cmd_db_upgrade)
+
+    segment = commands.add_parser("segment", help="Run a pipeline offline on one case.")
+    segment_sub = segment.add_subparsers(dest="pipeline", required=True, metavar="PIPELINE")
+    flair = segment_sub.add_parser("flair", help="FLAIR lesions at one time point.")
+    flair.add_argument("--flair", type=Path, required=True, help="FLAIR as NIfTI file or DICOM series folder")
+    flair.add_argument("--t1", type=Path, help="T1 of the same study (used when the model takes it)")
+    flair.add_argument("--out", type=Path, required=True, help="lesion mask on the FLAIR's own grid (.nii.gz)")
+    flair.add_argument("--table", type=Path, help="lesion table as CSV")
+    flair.add_argument("--weights", type=Path, help="weight file (default: pipelines.flair.weights, else shipped)")
+    flair.add_argument("--dicom-out", type=Path, help="also write SEG, SR and fallback objects here (DICOM input)")
+    _add_config_option(flair)
+    flair.set_defaults(handler=_cmd_segment_flair)
+
+    from .training_commands import add_training_commands
+
+    add_training_commands(commands)
 
     send_test = command("send-test", _cmd_send_test, "Check a result destination: C-ECHO plus a test object.")
     send_test.add_argument("destination", help="name of a destination in the config")

@@ -1,0 +1,151 @@
+"""Training patches: half centred near a lesion, half centred on lesion-free brain (the seeds).
+
+A positive patch is centred on a random lesion voxel shifted by up to ``jitter_fraction`` of
+the patch size per axis (so lesions are not always in the middle, yet always inside). A
+negative patch is centred on a random brain voxel outside lesions; up to ``negative_tries``
+draws look for a patch with no lesion voxel at all (lesion-heavy brains may have none, then
+the last draw is kept and `Patch.has_lesion` says so). Patches lie inside the volume
+whenever the volume is at least one patch large on that axis; along a smaller axis the patch
+starts at 0 and the extraction pads (see `models.augmentation.extract_patch`).
+
+All randomness comes from the ``numpy.random.Generator`` passed in, so a training step's
+patches are fixed by its seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from lesionwatch.models.datasets import TrainingCase
+
+__all__ = ["Patch", "PatchSampler", "PatchSamplingError"]
+
+Shape3 = tuple[int, int, int]
+
+
+class PatchSamplingError(ValueError):
+    """A case cannot give the requested patch (no brain voxels, bad size)."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Where one patch lies in its case (voxels, array order k, j, i)."""
+
+    case_index: int
+    start_kji: Shape3
+    size_kji: Shape3
+    lesion_requested: bool  # drawn as a positive and the case had lesions
+    has_lesion: bool  # the (unaugmented) patch holds at least one lesion voxel
+
+    @property
+    def centre_kji(self) -> Shape3:
+        s, n = self.start_kji, self.size_kji
+        return (s[0] + n[0] // 2, s[1] + n[1] // 2, s[2] + n[2] // 2)
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        s, n = self.start_kji, self.size_kji
+        return (slice(s[0], s[0] + n[0]), slice(s[1], s[1] + n[1]), slice(s[2], s[2] + n[2]))
+
+
+@dataclass
+class _Index:
+    shape: Shape3
+    lesion: npt.NDArray[np.int64]  # flat indices of lesion voxels
+    background: npt.NDArray[np.int64]  # flat indices of brain voxels outside lesions
+
+
+class PatchSampler:
+    """Draws patch positions from `TrainingCase` s; caches voxel indices per case id."""
+
+    def __init__(
+        self,
+        size_kji: Shape3 | int,
+        *,
+        lesion_fraction: float = 0.5,
+        jitter_fraction: float = 0.25,
+        negative_tries: int = 10,
+        cache_size: int = 32,
+    ) -> None:
+        size = (size_kji,) * 3 if isinstance(size_kji, int) else tuple(int(s) for s in size_kji)
+        if len(size) != 3 or min(size) < 1:
+            raise PatchSamplingError(f"patch size must be 1 or 3 positive ints, got {size_kji}")
+        if not 0.0 <= lesion_fraction <= 1.0:
+            raise PatchSamplingError(f"lesion_fraction must be in [0, 1], got {lesion_fraction}")
+        if not 0.0 <= jitter_fraction < 0.5:
+            raise PatchSamplingError(f"jitter_fraction must be in [0, 0.5), got {jitter_fraction}")
+        self.size_kji: Shape3 = (size[0], size[1], size[2])
+        self.lesion_fraction = lesion_fraction
+        self.jitter_fraction = jitter_fraction
+        self.negative_tries = max(1, negative_tries)
+        self._cache_size = cache_size
+        self._indices: dict[str, _Index] = {}
+
+    def _index(self, case: TrainingCase) -> _Index:
+        index = self._indices.get(case.case_id)
+        if index is None or index.shape != case.label.shape:
+            lesion = case.label > 0
+            background = case.brain & ~lesion
+            if not case.brain.any():
+                raise PatchSamplingError(f"case {case.case_id} has an empty brain mask")
+            if not background.any():  # a brain that is all lesion: centre anywhere in it
+                background = case.brain
+            index = _Index(
+                shape=case.label.shape,  # type: ignore[arg-type]
+                lesion=np.flatnonzero(lesion),
+                background=np.flatnonzero(background),
+            )
+            if len(self._indices) >= self._cache_size:
+                self._indices.pop(next(iter(self._indices)))
+            self._indices[case.case_id] = index
+        return index
+
+    def _start(self, centre: npt.NDArray[np.int64], shape: Shape3) -> Shape3:
+        size = np.asarray(self.size_kji)
+        start = np.clip(centre - size // 2, 0, np.maximum(np.asarray(shape) - size, 0))
+        return (int(start[0]), int(start[1]), int(start[2]))
+
+    def sample(
+        self,
+        case: TrainingCase,
+        rng: np.random.Generator,
+        *,
+        want_lesion: bool,
+        case_index: int = 0,
+    ) -> Patch:
+        """One patch of ``case``: near a lesion when ``want_lesion`` and the case has any."""
+        index = self._index(case)
+        size = np.asarray(self.size_kji)
+        if want_lesion and index.lesion.size:
+            voxel = np.asarray(np.unravel_index(rng.choice(index.lesion), index.shape))
+            reach = np.floor(size * self.jitter_fraction).astype(np.int64)
+            jitter = rng.integers(-reach, reach + 1)
+            start = self._start(voxel + jitter, index.shape)
+            return Patch(case_index, start, self.size_kji, True, True)
+        start = self._start(np.zeros(3, dtype=np.int64), index.shape)
+        has_lesion = True
+        for _ in range(self.negative_tries):
+            voxel = np.asarray(np.unravel_index(rng.choice(index.background), index.shape))
+            start = self._start(voxel, index.shape)
+            box = tuple(slice(a, a + n) for a, n in zip(start, self.size_kji, strict=True))
+            has_lesion = bool(case.label[box].any())
+            if not has_lesion:
+                break
+        return Patch(case_index, start, self.size_kji, False, has_lesion)
+
+    def sample_batch(
+        self, cases: list[tuple[int, TrainingCase]], batch_size: int, rng: np.random.Generator
+    ) -> list[Patch]:
+        """``batch_size`` patches from cases drawn uniformly from ``cases`` ((index, case)
+        pairs); each patch is a positive with probability ``lesion_fraction``."""
+        if not cases:
+            raise PatchSamplingError("no cases to sample patches from")
+        patches = []
+        for _ in range(batch_size):
+            case_index, case = cases[int(rng.integers(len(cases)))]
+            want = bool(rng.random() < self.lesion_fraction)
+            patches.append(self.sample(case, rng, want_lesion=want, case_index=case_index))
+        return patches

@@ -1,0 +1,139 @@
+"""`lesionwatch train | finetune | evaluate`: command-line wiring of models.train/finetune/evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_training_commands"]
+
+_TASKS = ["flair", "new_lesions", "enhancing"]
+
+
+def _case_set(args: argparse.Namespace, task: str) -> Any:
+    from lesionwatch.models.datasets import CaseSet, real_case_set, synthetic_brains, synthetic_case_set
+
+    datasets = args.datasets.split(",") if args.datasets else None
+    parts = []
+    if args.synthetic:
+        brains = synthetic_brains(task, args.data_root, datasets=datasets)
+        parts.append(synthetic_case_set(task, brains, args.synthetic, args.synthetic_seed))
+    if args.real or not args.synthetic:
+        parts.append(real_case_set(task, args.data_root, datasets))
+    return parts[0] if len(parts) == 1 else CaseSet.concat(parts)
+
+
+def _optimisation(args: argparse.Namespace) -> dict[str, Any]:
+    values = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "patch_size_mm": args.patch_mm,
+        "learning_rate": args.lr,
+        "loss": args.loss,
+        "lesion_fraction": args.lesion_fraction,
+        "seed": args.seed,
+        "device": args.device,
+        "cpu_threads": args.cpu_threads,
+        "checkpoint_every": args.checkpoint_every,
+        "version": args.version,
+    }
+    if args.no_augment:
+        values["augmentation"] = {"enabled": False}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lesionwatch.models.train import TrainSettings, train
+
+    settings = TrainSettings(
+        task=args.task,
+        **{k: v for k, v in {"depth": args.depth, "base_width": args.base_width}.items() if v is not None},
+        **_optimisation(args),
+    )
+    result = train(settings, _case_set(args, args.task), args.out, resume=args.resume)
+    print(f"wrote {result.weights_path} after {result.steps_done} steps ({result.seconds / 60:.1f} min)")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from lesionwatch.models.finetune import FinetuneSettings, finetune
+    from lesionwatch.models.weights import read_card
+
+    task = read_card(args.from_weights).task
+    extra = {"freeze_encoder_steps": args.freeze_encoder_steps} if args.freeze_encoder_steps is not None else {}
+    settings = FinetuneSettings(**_optimisation(args), **extra)
+    result = finetune(args.from_weights, _case_set(args, task), args.out, settings, resume=args.resume)
+    print(f"wrote {result.weights_path} after {result.steps_done} steps ({result.seconds / 60:.1f} min)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from lesionwatch.models.evaluate import EvaluateSettings, evaluate, record_metrics_in_card
+    from lesionwatch.models.weights import read_card
+
+    task = read_card(args.weights).task
+    settings = EvaluateSettings(
+        **{k: v for k, v in {"threshold": args.threshold, "step_mm": args.step_mm, "device": args.device}.items() if v}
+    )
+    report = evaluate(args.weights, _case_set(args, task), settings, task=task)
+    print(report.table())
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    if args.record_in_card is not None:
+        record_metrics_in_card(args.weights, report, prefix=args.record_in_card)
+        print(f"metrics recorded in the card of {args.weights}")
+    return 0
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", type=Path, help="labelled data (default: ../shared/data beside the checkout)")
+    parser.add_argument("--datasets", help="comma-separated subset, e.g. open_ms_data,mslesseg")
+    parser.add_argument("--real", action="store_true", help="include the real labelled cases")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N", help="N synthetic cases from real brains")
+    parser.add_argument("--synthetic-seed", type=int, default=0)
+
+
+def _optimisation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, weights and card")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--patch-mm", type=int)
+    parser.add_argument("--lr", type=float, help="Adam learning rate (seed recipe: 1e-5)")
+    parser.add_argument("--loss", choices=["ce", "dice_ce"])
+    parser.add_argument("--lesion-fraction", type=float, help="share of patches centred on lesions")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--cpu-threads", type=int)
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--version", help="version written into the model card")
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+
+def add_training_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    train = commands.add_parser("train", help="Train a model from scratch (synthetic and/or real cases).")
+    train.add_argument("--task", choices=_TASKS, required=True)
+    train.add_argument("--depth", type=int, choices=[3, 4, 5])
+    train.add_argument("--base-width", type=int)
+    _optimisation_options(train)
+    _data_options(train)
+    train.set_defaults(handler=_cmd_train)
+
+    finetune = commands.add_parser("finetune", help="Fine-tune weights on a site's labelled studies.")
+    finetune.add_argument("--from", dest="from_weights", type=Path, required=True, help="parent weight file")
+    finetune.add_argument("--freeze-encoder-steps", type=int)
+    _optimisation_options(finetune)
+    _data_options(finetune)
+    finetune.set_defaults(handler=_cmd_finetune)
+
+    evaluate = commands.add_parser("evaluate", help="Lesion-wise sensitivity/PPV/F1, Dice and volumes.")
+    evaluate.add_argument("weights", type=Path)
+    evaluate.add_argument("--threshold", type=float)
+    evaluate.add_argument("--step-mm", type=int)
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--json", type=Path, help="also write the results as JSON")
+    evaluate.add_argument("--record-in-card", metavar="PREFIX", help="store the summary in the model card")
+    _data_options(evaluate)
+    evaluate.set_defaults(handler=_cmd_evaluate)
