@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pydicom import Dataset
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -90,6 +90,14 @@ class InstanceRecorder:
     ) -> None:
         self._sessions = sessions
         self._classification = classification
+        bind = sessions.kw.get("bind")
+        if not isinstance(bind, Engine):
+            raise TypeError("InstanceRecorder needs a sessionmaker bound to an Engine")
+        self._engine = bind
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
 
     def record(
         self,
@@ -133,21 +141,22 @@ class InstanceRecorder:
         calling_ae_title: str,
         before_commit: Callable[[], object] | None,
     ) -> RecordResult:
-        # Prepared Core statements on the session's connection, not ORM objects, on the
-        # per-instance path: an instance of a known series costs two SELECTs and one INSERT
-        # (timestamps are refreshed at most once per _TIMESTAMP_RESOLUTION).
+        # Cached Core statements on a plain connection, no ORM session, on the per-instance
+        # path: an instance of a known series costs two SELECTs and one INSERT (timestamps are
+        # refreshed at most once per _TIMESTAMP_RESOLUTION). Only a new series uses the ORM.
         now = utcnow()
         series_uid = str(dataset.SeriesInstanceUID)
         sop_uid = str(dataset.SOPInstanceUID)
-        with self._sessions() as session, session.begin():
+        with self._engine.begin() as connection:
             new_study = new_series = False
             series_class: SeriesClass | None = None
-            connection = session.connection()
             row = connection.execute(_SERIES_LOOKUP, {"series_uid": series_uid}).first()
             if row is None:
-                series_id, study_id, study_state, new_study, series_class = self._new_series(
-                    session, dataset, now
-                )
+                # The session joins this connection's transaction and never commits it.
+                with Session(bind=connection) as session:
+                    series_id, study_id, study_state, new_study, series_class = self._new_series(
+                        session, dataset, now
+                    )
                 new_series = True
             else:
                 series_id, series_last, study_id, study_state, study_last = row

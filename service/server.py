@@ -44,6 +44,10 @@ class ListenerService:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        from .reconcile import reconcile_archive
+
+        # Before accepting: re-index archive files whose rows an OS crash lost (WAL, NORMAL).
+        reconcile_archive(self.scp.archive.root, self.recorder)
         self.scp.start()
         self._thread = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
         self._thread.start()
