@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
+# torch is pinned (==2.13.0) in pyproject.toml so no install resolves another build; GPU
+# machines install their CUDA build of the same version first (see deploy/Dockerfile).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	# torch is pinned to the CPU build in pyproject.toml; CUDA builds are installed by deploy/.
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

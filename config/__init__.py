@@ -3,4 +3,11 @@
 from .loader import ENV_PREFIX, ConfigError, ConfigProblem, load_config
 from .schema import LesionWatchConfig, SeriesClass
 
-__all__ = ["ENV_PREFIX", "ConfigError", "ConfigProblem", "LesionWatchConfig", "SeriesClass", "load_config"]
+__all__ = [
+    "ENV_PREFIX",
+    "ConfigError",
+    "ConfigProblem",
+    "LesionWatchConfig",
+    "SeriesClass",
+    "load_config",
+]

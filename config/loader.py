@@ -45,7 +45,9 @@ class ConfigError(Exception):
         super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _positions(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], str], file: str) -> None:
+def _positions(
+    node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], str], file: str
+) -> None:
     """Record 'file:line:col' for every mapping key and sequence item in the YAML tree."""
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
@@ -65,18 +67,24 @@ def _read_yaml(file: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigProblem("", f"cannot read config file: {exc.strerror}", str(file))]) from exc
+        raise ConfigError(
+            [ConfigProblem("", f"cannot read config file: {exc.strerror}", str(file))]
+        ) from exc
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
-        raise ConfigError([ConfigProblem("", f"not valid YAML: {getattr(exc, 'problem', exc)}", where)]) from exc
+        raise ConfigError(
+            [ConfigProblem("", f"not valid YAML: {getattr(exc, 'problem', exc)}", where)]
+        ) from exc
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
-        raise ConfigError([ConfigProblem("", "the top level must be a mapping of sections", f"{file}:1:1")])
+        raise ConfigError(
+            [ConfigProblem("", "the top level must be a mapping of sections", f"{file}:1:1")]
+        )
     positions: dict[tuple[str, ...], str] = {}
     if node is not None:
         _positions(node, (), positions, str(file))
@@ -149,6 +157,10 @@ def _problem(err: Any, sources: dict[tuple[str, ...], str], file: Path | None) -
     message = err["msg"]
     if err["type"] == "extra_forbidden":
         message = "unknown setting (check the spelling against config/lesionwatch.example.yaml)"
-    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict | list):
+    elif (
+        "input" in err
+        and err["type"] not in ("missing",)
+        and not isinstance(err["input"], dict | list)
+    ):
         message = f"{message} (got {err['input']!r})"
     return ConfigProblem(".".join(loc) or "(top level)", message, source)

@@ -35,7 +35,10 @@ __all__ = [
     "TlsConfig",
 ]
 
-AeTitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+AeTitle = Annotated[
+    str,
+    Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$"),
+]
 
 
 class _Section(BaseModel):
@@ -78,7 +81,9 @@ class AllowedCaller(_Section):
 
 class ListenerConfig(_Section):
     ae_title: AeTitle = "LESIONWATCH"
-    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 to listen on every interface")
+    host: str = Field(
+        "127.0.0.1", description="Address to bind; 0.0.0.0 to listen on every interface"
+    )
     port: int = Field(11112, ge=1, le=65535)
     require_called_ae_title: bool = True
     allowed_callers: tuple[AllowedCaller, ...] = Field(
@@ -94,9 +99,15 @@ class ListenerConfig(_Section):
 
 
 class StorageConfig(_Section):
-    data_dir: Path = Field(Path("var"), description="Archive, embedded database and work files live here")
-    min_free_disk_mb: int = Field(2048, ge=0, description="Refuse new instances below this much free space")
-    fsync: bool = Field(True, description="fsync files and directories before acknowledging a C-STORE")
+    data_dir: Path = Field(
+        Path("var"), description="Archive, embedded database and work files live here"
+    )
+    min_free_disk_mb: int = Field(
+        2048, ge=0, description="Refuse new instances below this much free space"
+    )
+    fsync: bool = Field(
+        True, description="fsync files and directories before acknowledging a C-STORE"
+    )
 
 
 class DatabaseConfig(_Section):
@@ -108,8 +119,12 @@ class DatabaseConfig(_Section):
 
 
 class AssemblyConfig(_Section):
-    quiet_period_s: float = Field(60.0, gt=0, description="A study is stable after this long without new instances")
-    deadline_s: float = Field(900.0, gt=0, description="Force a decision this long after the first instance")
+    quiet_period_s: float = Field(
+        60.0, gt=0, description="A study is stable after this long without new instances"
+    )
+    deadline_s: float = Field(
+        900.0, gt=0, description="Force a decision this long after the first instance"
+    )
     poll_interval_s: float = Field(5.0, gt=0)
     late_series_policy: LateSeriesPolicy = LateSeriesPolicy.REPROCESS_IF_REQUIRED
 
@@ -146,7 +161,9 @@ class ClassificationRule(_Section):
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"pattern for {keyword!r} is not a valid regular expression: {exc}") from exc
+                raise ValueError(
+                    f"pattern for {keyword!r} is not a valid regular expression: {exc}"
+                ) from exc
         return value
 
 
@@ -232,8 +249,12 @@ class ClientTlsConfig(_Section):
 class DestinationConfig(_Section):
     """One DICOM node that receives results (SEG, SR, fallback images) by C-STORE."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
-                      description="Short name used in the database, logs and `send-test`")
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Short name used in the database, logs and `send-test`",
+    )
     ae_title: AeTitle = Field(description="Called AE title of the destination")
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)

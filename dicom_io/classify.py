@@ -18,6 +18,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
 from lesionwatch.config.schema import ClassificationConfig, ClassificationRule, SeriesClass
 from lesionwatch.dicom_io.classify_rules import (
     BUILTIN_RULE_PREFIX,
@@ -27,8 +30,6 @@ from lesionwatch.dicom_io.classify_rules import (
     read_facts,
 )
 from lesionwatch.dicom_io.series_files import read_dicom_file
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 __all__ = [
     "ADMIN_RULE_PREFIX",

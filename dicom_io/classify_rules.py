@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import time
 from typing import Any
 
-from lesionwatch.config.schema import SeriesClass
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -38,6 +37,8 @@ from pydicom.uid import (
     MRImageStorage,
 )
 from pydicom.valuerep import TM
+
+from lesionwatch.config.schema import SeriesClass
 
 __all__ = [
     "BUILTIN_RULE_PREFIX",

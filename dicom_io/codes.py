@@ -78,7 +78,10 @@ FINDING_CONCEPTS: dict[FindingType, FindingConcept] = {
         "New MS lesion", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, LESION, NEW, (255, 40, 40)
     ),
     FindingType.ENHANCING_LESION: FindingConcept(
-        "Enhancing MS lesion", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, ENHANCING_LESION, None,
+        "Enhancing MS lesion",
+        MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+        ENHANCING_LESION,
+        None,
         (0, 200, 255),
     ),
 }

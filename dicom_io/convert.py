@@ -28,6 +28,11 @@ def convert_series(
     volume = read_series(series_dir, series_instance_uid=series_instance_uid)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     volume.save(out_path)
-    log.info("converted %s to %s (%s voxels, %s)", series_dir, out_path, volume.shape_ijk,
-             volume.array.dtype)
+    log.info(
+        "converted %s to %s (%s voxels, %s)",
+        series_dir,
+        out_path,
+        volume.shape_ijk,
+        volume.array.dtype,
+    )
     return volume

@@ -65,7 +65,9 @@ class ImageVolume:
     def index_to_lps(self, ijk: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Map (..., 3) continuous indices (i, j, k) to LPS millimetres."""
         points = np.asarray(ijk, dtype=np.float64)
-        return points @ (self.direction * np.asarray(self.spacing_mm)[None, :]).T + np.asarray(self.origin_mm)
+        return points @ (self.direction * np.asarray(self.spacing_mm)[None, :]).T + np.asarray(
+            self.origin_mm
+        )
 
     def same_grid(self, other: ImageVolume, tolerance_mm: float = 1e-3) -> bool:
         """True when both volumes sample exactly the same points in patient space."""

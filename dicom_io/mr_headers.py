@@ -94,34 +94,95 @@ def _siemens(contrast: SeriesClass, three_d: bool) -> AcquisitionProfile:
     if contrast is SeriesClass.FLAIR:
         if three_d:
             return AcquisitionProfile(
-                "t2_space_dark-fluid_sag_p3_iso", ("SE", "IR"), ("SK", "SP", "MP"), ("IR",),
-                "3D", "*spcir_278ns", 5000.0, 387.0, 1800.0, 278, 120.0, image_type,
+                "t2_space_dark-fluid_sag_p3_iso",
+                ("SE", "IR"),
+                ("SK", "SP", "MP"),
+                ("IR",),
+                "3D",
+                "*spcir_278ns",
+                5000.0,
+                387.0,
+                1800.0,
+                278,
+                120.0,
+                image_type,
             )
         return AcquisitionProfile(
-            "t2_tirm_tra_dark-fluid", ("SE", "IR"), ("SK", "SP", "MP"), ("IR",),
-            "2D", "*tir2d1_16", 9000.0, 81.0, 2500.0, 16, 150.0, image_type,
+            "t2_tirm_tra_dark-fluid",
+            ("SE", "IR"),
+            ("SK", "SP", "MP"),
+            ("IR",),
+            "2D",
+            "*tir2d1_16",
+            9000.0,
+            81.0,
+            2500.0,
+            16,
+            150.0,
+            image_type,
         )
     if contrast in (SeriesClass.T1_PRE, SeriesClass.T1_POST):
         post = contrast is SeriesClass.T1_POST
         if three_d:
             return AcquisitionProfile(
-                "t1_mprage_sag_p2_iso" + ("_post" if post else ""), ("GR", "IR"),
-                ("SK", "SP", "MP"), ("IR",), "3D", "*tfl3d1_16ns", 2300.0, 2.98, 900.0, 1, 9.0,
-                image_type, contrast_agent=post,
+                "t1_mprage_sag_p2_iso" + ("_post" if post else ""),
+                ("GR", "IR"),
+                ("SK", "SP", "MP"),
+                ("IR",),
+                "3D",
+                "*tfl3d1_16ns",
+                2300.0,
+                2.98,
+                900.0,
+                1,
+                9.0,
+                image_type,
+                contrast_agent=post,
             )
         return AcquisitionProfile(
-            "t1_fl2d_tra" + ("_post" if post else ""), ("GR",), ("SP", "OSP"), ("PFP",), "2D",
-            "*fl2d1", 250.0, 2.46, None, 1, 70.0, image_type, contrast_agent=post,
+            "t1_fl2d_tra" + ("_post" if post else ""),
+            ("GR",),
+            ("SP", "OSP"),
+            ("PFP",),
+            "2D",
+            "*fl2d1",
+            250.0,
+            2.46,
+            None,
+            1,
+            70.0,
+            image_type,
+            contrast_agent=post,
         )
     if contrast is SeriesClass.T2:
         if three_d:
             return AcquisitionProfile(
-                "t2_spc_sag_p2_iso", ("SE",), ("SK", "SP", "OSP"), ("PFP",), "3D",
-                "*spc_283ns", 3200.0, 408.0, None, 283, 120.0, image_type,
+                "t2_spc_sag_p2_iso",
+                ("SE",),
+                ("SK", "SP", "OSP"),
+                ("PFP",),
+                "3D",
+                "*spc_283ns",
+                3200.0,
+                408.0,
+                None,
+                283,
+                120.0,
+                image_type,
             )
         return AcquisitionProfile(
-            "t2_tse_tra", ("SE",), ("SK", "SP", "OSP"), ("PFP",), "2D", "*tse2d1_15",
-            5000.0, 95.0, None, 15, 150.0, image_type,
+            "t2_tse_tra",
+            ("SE",),
+            ("SK", "SP", "OSP"),
+            ("PFP",),
+            "2D",
+            "*tse2d1_15",
+            5000.0,
+            95.0,
+            None,
+            15,
+            150.0,
+            image_type,
         )
     raise ValueError(f"no MR header profile for series class {contrast}")
 
@@ -131,36 +192,95 @@ def _ge(contrast: SeriesClass, three_d: bool) -> AcquisitionProfile:
     if contrast is SeriesClass.FLAIR:
         if three_d:
             return AcquisitionProfile(
-                "Sag CUBE T2 FLAIR", ("SE", "IR"), ("SK", "SS"),
-                ("FAST_GEMS", "EDR_GEMS", "FILTERED_GEMS", "ACC_GEMS", "IR_GEMS"), "3D", None,
-                6000.0, 140.0, 1800.0, 200, 90.0, image_type,
+                "Sag CUBE T2 FLAIR",
+                ("SE", "IR"),
+                ("SK", "SS"),
+                ("FAST_GEMS", "EDR_GEMS", "FILTERED_GEMS", "ACC_GEMS", "IR_GEMS"),
+                "3D",
+                None,
+                6000.0,
+                140.0,
+                1800.0,
+                200,
+                90.0,
+                image_type,
             )
         return AcquisitionProfile(
-            "Ax T2 FLAIR", ("SE", "IR"), ("SK", "OSP"),
-            ("FAST_GEMS", "EDR_GEMS", "FILTERED_GEMS", "IR_GEMS"), "2D", None,
-            9000.0, 120.0, 2500.0, 24, 160.0, image_type,
+            "Ax T2 FLAIR",
+            ("SE", "IR"),
+            ("SK", "OSP"),
+            ("FAST_GEMS", "EDR_GEMS", "FILTERED_GEMS", "IR_GEMS"),
+            "2D",
+            None,
+            9000.0,
+            120.0,
+            2500.0,
+            24,
+            160.0,
+            image_type,
         )
     if contrast in (SeriesClass.T1_PRE, SeriesClass.T1_POST):
         post = contrast is SeriesClass.T1_POST
         if three_d:
             return AcquisitionProfile(
-                "3D Ax T1 MP-RAGE" + (" +C" if post else ""), ("GR", "IR"), ("SS", "SK"),
-                ("FAST_GEMS", "EDR_GEMS", "FILTERED_GEMS", "ACC_GEMS", "IR_GEMS"), "3D", None,
-                2217.66, 3.172, 1000.0, 1, 8.0, image_type, contrast_agent=post,
+                "3D Ax T1 MP-RAGE" + (" +C" if post else ""),
+                ("GR", "IR"),
+                ("SS", "SK"),
+                ("FAST_GEMS", "EDR_GEMS", "FILTERED_GEMS", "ACC_GEMS", "IR_GEMS"),
+                "3D",
+                None,
+                2217.66,
+                3.172,
+                1000.0,
+                1,
+                8.0,
+                image_type,
+                contrast_agent=post,
             )
         return AcquisitionProfile(
-            "Ax T1 SE" + (" +C" if post else ""), ("SE",), ("NONE",), ("FILTERED_GEMS",), "2D",
-            None, 550.0, 10.0, None, 1, 90.0, image_type, contrast_agent=post,
+            "Ax T1 SE" + (" +C" if post else ""),
+            ("SE",),
+            ("NONE",),
+            ("FILTERED_GEMS",),
+            "2D",
+            None,
+            550.0,
+            10.0,
+            None,
+            1,
+            90.0,
+            image_type,
+            contrast_agent=post,
         )
     if contrast is SeriesClass.T2:
         if three_d:
             return AcquisitionProfile(
-                "Sag CUBE T2", ("SE",), ("SK", "SS"), ("FAST_GEMS", "EDR_GEMS", "ACC_GEMS"),
-                "3D", None, 2500.0, 90.0, None, 120, 90.0, image_type,
+                "Sag CUBE T2",
+                ("SE",),
+                ("SK", "SS"),
+                ("FAST_GEMS", "EDR_GEMS", "ACC_GEMS"),
+                "3D",
+                None,
+                2500.0,
+                90.0,
+                None,
+                120,
+                90.0,
+                image_type,
             )
         return AcquisitionProfile(
-            "Ax T2 FRFSE", ("SE",), ("SK", "OSP"), ("FAST_GEMS", "FILTERED_GEMS", "FR_GEMS"),
-            "2D", None, 5000.0, 100.0, None, 18, 111.0, image_type,
+            "Ax T2 FRFSE",
+            ("SE",),
+            ("SK", "OSP"),
+            ("FAST_GEMS", "FILTERED_GEMS", "FR_GEMS"),
+            "2D",
+            None,
+            5000.0,
+            100.0,
+            None,
+            18,
+            111.0,
+            image_type,
         )
     raise ValueError(f"no MR header profile for series class {contrast}")
 

@@ -222,4 +222,3 @@ def build_result_objects(
             ),
         )
     return objects
-

@@ -40,7 +40,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lesionwatch.config.schema import DestinationConfig
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -55,6 +54,8 @@ from pynetdicom.status import (
     STORAGE_SERVICE_CLASS_STATUS,
     code_to_category,
 )
+
+from lesionwatch.config.schema import DestinationConfig
 
 __all__ = [
     "MAX_PRESENTATION_CONTEXTS",
@@ -302,8 +303,10 @@ def _diagnose(
     rsp = assoc.acceptor.primitive
     called = f"{dest.ae_title}@{dest.host}:{dest.port}"
     if assoc.is_rejected and rsp is not None and rsp.result is not None:
-        result, source, diagnostic = int(rsp.result), int(rsp.result_source or 0), int(
-            rsp.diagnostic or 0
+        result, source, diagnostic = (
+            int(rsp.result),
+            int(rsp.result_source or 0),
+            int(rsp.diagnostic or 0),
         )
         kind = (
             AssociationFailureKind.REJECTED_PERMANENT
@@ -344,9 +347,7 @@ def associate(dest: DestinationConfig, contexts: Iterable[tuple[str, str]]) -> A
     ae.network_timeout = dest.timeout_s
     pairs = sorted(set(contexts))
     if len(pairs) > MAX_PRESENTATION_CONTEXTS:
-        raise ValueError(
-            f"{len(pairs)} presentation contexts; at most {MAX_PRESENTATION_CONTEXTS}"
-        )
+        raise ValueError(f"{len(pairs)} presentation contexts; at most {MAX_PRESENTATION_CONTEXTS}")
     for abstract_syntax, transfer_syntax in pairs:
         ae.add_requested_context(abstract_syntax, transfer_syntax)
     try:
@@ -442,8 +443,13 @@ def _response_result(key: int, status: Dataset) -> StoreResult:
     return StoreResult(key, outcome, code, reason if outcome != Outcome.SUCCESS else "")
 
 
-def _send_one(assoc: Association, header: _Header, accepted: set[tuple[str, str]],
-              rejected: dict[tuple[str, str], str], dest: DestinationConfig) -> StoreResult:
+def _send_one(
+    assoc: Association,
+    header: _Header,
+    accepted: set[tuple[str, str]],
+    rejected: dict[tuple[str, str], str],
+    dest: DestinationConfig,
+) -> StoreResult:
     key = header.item.key
     pair = (header.sop_class_uid, header.transfer_syntax_uid)
     if pair not in accepted:
@@ -498,8 +504,7 @@ def store_files(dest: DestinationConfig, items: Sequence[StoreItem]) -> list[Sto
             continue
         assoc = attempt.association
         accepted = {
-            (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-            for cx in assoc.accepted_contexts
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
         }
         rejected = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cx.status

@@ -138,9 +138,7 @@ def slice_indices(source_series: Sequence[Dataset], grid: ImageVolume) -> list[i
     return result
 
 
-def sort_by_slice(
-    source_series: Sequence[Dataset], grid: ImageVolume
-) -> list[Dataset]:
+def sort_by_slice(source_series: Sequence[Dataset], grid: ImageVolume) -> list[Dataset]:
     """The source images in grid order (k = 0, 1, ...)."""
     ks = slice_indices(source_series, grid)
     return [ds for _, ds in sorted(zip(ks, source_series, strict=True), key=lambda p: p[0])]

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from lesionwatch.dicom_io.series_errors import SeriesSelectionError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
+
+from lesionwatch.dicom_io.series_errors import SeriesSelectionError
 
 __all__ = ["SeriesSource", "SourceInstance", "collect_instances", "read_dicom_file"]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
 from lesionwatch.dicom_io.series_errors import SeriesGeometryError
 
 __all__ = ["SlicePlane", "StackGeometry", "stack_geometry"]

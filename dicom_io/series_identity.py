@@ -84,8 +84,12 @@ class StudyIdentity:
         """DICOM AS value at the study date ('' when the birth date is unknown)."""
         if self.birth_date is None:
             return ""
-        years = self.study_date.year - self.birth_date.year - (
-            (self.study_date.month, self.study_date.day)
-            < (self.birth_date.month, self.birth_date.day)
+        years = (
+            self.study_date.year
+            - self.birth_date.year
+            - (
+                (self.study_date.month, self.study_date.day)
+                < (self.birth_date.month, self.birth_date.day)
+            )
         )
         return f"{max(years, 0):03d}Y"

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataset import Dataset
+
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.dicom_io.series_errors import DicomSeriesError, SeriesSelectionError
 from lesionwatch.dicom_io.series_files import SeriesSource, SourceInstance, collect_instances
 from lesionwatch.dicom_io.series_geometry import SlicePlane, stack_geometry
-from pydicom.dataset import Dataset
 
 __all__ = ["LoadedSeries", "load_series", "read_series"]
 
@@ -178,9 +179,7 @@ def _pixels(source: SourceInstance, frame_number: int | None) -> npt.NDArray[Any
     return array[frame_number - 1]
 
 
-def load_series(
-    source: SeriesSource, *, series_instance_uid: str | None = None
-) -> LoadedSeries:
+def load_series(source: SeriesSource, *, series_instance_uid: str | None = None) -> LoadedSeries:
     """Read and validate one series; the volume plus where each slice came from."""
     instances = _select_series(collect_instances(source), series_instance_uid, source)
     slices: list[_Slice] = []

@@ -18,17 +18,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from lesionwatch.config.schema import SeriesClass
-from lesionwatch.dicom_io.image_volume import ImageVolume
-from lesionwatch.dicom_io.mr_headers import (
-    AcquisitionProfile,
-    Vendor,
-    VendorProfile,
-    acquisition_profile,
-    vendor_profile,
-)
-from lesionwatch.dicom_io.series_identity import StudyIdentity, derive_uid
-from lesionwatch.dicom_io.series_pixels import StoredPixels, ds_text, quantise
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -41,6 +30,18 @@ from pydicom.uid import (
     MRImageStorage,
     RLELossless,
 )
+
+from lesionwatch.config.schema import SeriesClass
+from lesionwatch.dicom_io.image_volume import ImageVolume
+from lesionwatch.dicom_io.mr_headers import (
+    AcquisitionProfile,
+    Vendor,
+    VendorProfile,
+    acquisition_profile,
+    vendor_profile,
+)
+from lesionwatch.dicom_io.series_identity import StudyIdentity, derive_uid
+from lesionwatch.dicom_io.series_pixels import StoredPixels, ds_text, quantise
 
 __all__ = ["LOSSLESS_TRANSFER_SYNTAXES", "StudyIdentity", "derive_uid", "write_series"]
 
@@ -99,9 +100,8 @@ def _series_dataset(
     ds.SOPClassUID = MRImageStorage
     ds.ImageType = list(protocol.image_type)
     study_date, study_time = _da(identity.study_date), _tm(identity.study_time)
-    series_time = (
-        dt.datetime.combine(identity.study_date, identity.study_time)
-        + dt.timedelta(minutes=series_number)
+    series_time = dt.datetime.combine(identity.study_date, identity.study_time) + dt.timedelta(
+        minutes=series_number
     )
     for prefix in ("InstanceCreation", "Content"):
         setattr(ds, f"{prefix}Date", series_time.strftime("%Y%m%d"))

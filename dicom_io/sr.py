@@ -58,6 +58,7 @@ __all__ = [
     "build_measurement_report",
 ]
 
+
 class AnalysisState(enum.StrEnum):
     """States of the analysis that a reader must see in the report."""
 

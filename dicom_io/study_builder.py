@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.uid import ExplicitVRLittleEndian
+
 from lesionwatch.config.schema import SeriesClass
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.dicom_io.mr_headers import Vendor
 from lesionwatch.dicom_io.series_identity import StudyIdentity
 from lesionwatch.dicom_io.series_writer import write_series
-from pydicom.uid import ExplicitVRLittleEndian
 
 __all__ = ["BuiltSeries", "SeriesSpec", "build_study_from_nifti", "open_ms_longitudinal_specs"]
 

@@ -55,8 +55,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from lesionwatch.dicom_io.image_volume import ImageVolume
 from scipy import ndimage
+
+from lesionwatch.dicom_io.image_volume import ImageVolume
 
 __all__ = [
     "AnimaDetectionParams",

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
-from lesionwatch.dicom_io.image_volume import ImageVolume
 from scipy import ndimage
+
+from lesionwatch.dicom_io.image_volume import ImageVolume
 
 __all__ = [
     "EnhancementPattern",

@@ -113,7 +113,8 @@ class StudyAssembler:
                 .where(
                     Study.state.in_((StudyState.READY, StudyState.INCOMPLETE)),
                     Series.first_received_at > Study.assembled_at,
-                    (Study.late_checked_at.is_(None)) | (Series.first_received_at > Study.late_checked_at),
+                    (Study.late_checked_at.is_(None))
+                    | (Series.first_received_at > Study.late_checked_at),
                 )
                 .distinct()
             )
@@ -150,32 +151,61 @@ class StudyAssembler:
         if not plan.runnable:
             study.state = StudyState.INCOMPLETE
             study.state_reason = "; ".join(reason_parts) or "no pipeline can run"
-            return AssemblyDecision(study.study_instance_uid, study.state, (), study.state_reason, study.generation)
+            return AssemblyDecision(
+                study.study_instance_uid, study.state, (), study.state_reason, study.generation
+            )
         # Earlier generations' unfinished jobs are replaced by this one.
         session.execute(
             update(Job)
-            .where(Job.study_id == study.id, Job.generation < study.generation, Job.state == JobState.PENDING)
-            .values(state=JobState.SUPERSEDED, reason=f"superseded by generation {study.generation}")
+            .where(
+                Job.study_id == study.id,
+                Job.generation < study.generation,
+                Job.state == JobState.PENDING,
+            )
+            .values(
+                state=JobState.SUPERSEDED, reason=f"superseded by generation {study.generation}"
+            )
         )
         for name in plan.runnable:
-            session.add(Job(study_id=study.id, pipeline=name, generation=study.generation, created_at=now, updated_at=now))
+            session.add(
+                Job(
+                    study_id=study.id,
+                    pipeline=name,
+                    generation=study.generation,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
         study.state = StudyState.READY
         study.state_reason = "; ".join(reason_parts)
         return AssemblyDecision(
-            study.study_instance_uid, study.state, tuple(plan.runnable), study.state_reason, study.generation
+            study.study_instance_uid,
+            study.state,
+            tuple(plan.runnable),
+            study.state_reason,
+            study.generation,
         )
 
     def _pending_pipeline_filter(self, study: Study) -> list[str] | None:
         """In a reprocessing generation under REPROCESS_IF_REQUIRED, only the pipelines whose
         required series arrived late run again; otherwise every enabled pipeline is considered."""
-        if study.generation == 0 or self._assembly.late_series_policy != LateSeriesPolicy.REPROCESS_IF_REQUIRED:
+        if (
+            study.generation == 0
+            or self._assembly.late_series_policy != LateSeriesPolicy.REPROCESS_IF_REQUIRED
+        ):
             return None
-        late_classes = {s.series_class for s in study.series if s.first_received_at >= study.receiving_since}
+        late_classes = {
+            s.series_class for s in study.series if s.first_received_at >= study.receiving_since
+        }
         return [
-            name for name, cfg in self._pipelines.enabled().items() if late_classes & set(cfg.required_series)
+            name
+            for name, cfg in self._pipelines.enabled().items()
+            if late_classes & set(cfg.required_series)
         ]
 
-    def _handle_late_series(self, session: Session, study: Study, now: datetime) -> AssemblyDecision | None:
+    def _handle_late_series(
+        self, session: Session, study: Study, now: datetime
+    ) -> AssemblyDecision | None:
         checked = study.late_checked_at or study.assembled_at
         assert checked is not None
         late = [s for s in study.series if s.first_received_at > checked]
@@ -185,18 +215,28 @@ class StudyAssembler:
         described = ", ".join(f"{s.series_number or '?'} {s.series_class.value}" for s in late)
         if study.state == StudyState.INCOMPLETE:
             # Nothing ran: a study waiting for series simply resumes receiving.
-            return self._reopen(study, now, f"series arrived after it was marked incomplete: {described}", bump=False)
+            return self._reopen(
+                study,
+                now,
+                f"series arrived after it was marked incomplete: {described}",
+                bump=False,
+            )
         policy = self._assembly.late_series_policy
         required: set[SeriesClass] = set()
         for cfg in self._pipelines.enabled().values():
             required |= set(cfg.required_series)
         if policy == LateSeriesPolicy.IGNORE or (
-            policy == LateSeriesPolicy.REPROCESS_IF_REQUIRED and not ({s.series_class for s in late} & required)
+            policy == LateSeriesPolicy.REPROCESS_IF_REQUIRED
+            and not ({s.series_class for s in late} & required)
         ):
             note = f"late series ignored ({policy.value}): {described}"
             study.state_reason = "; ".join(p for p in (study.state_reason, note) if p)
-            return AssemblyDecision(study.study_instance_uid, study.state, (), note, study.generation)
-        return self._reopen(study, min(s.first_received_at for s in late), f"late series: {described}", bump=True)
+            return AssemblyDecision(
+                study.study_instance_uid, study.state, (), note, study.generation
+            )
+        return self._reopen(
+            study, min(s.first_received_at for s in late), f"late series: {described}", bump=True
+        )
 
     @staticmethod
     def _reopen(study: Study, since: datetime, reason: str, *, bump: bool) -> AssemblyDecision:

@@ -26,7 +26,9 @@ class CommandError(Exception):
 
 
 def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> LesionWatchConfig:
-    file = args.config or (Path(os.environ["LESIONWATCH_CONFIG"]) if os.environ.get("LESIONWATCH_CONFIG") else None)
+    file = args.config or (
+        Path(os.environ["LESIONWATCH_CONFIG"]) if os.environ.get("LESIONWATCH_CONFIG") else None
+    )
     return load_config(file, overrides=overrides)
 
 
@@ -121,10 +123,22 @@ def _cmd_studies(args: argparse.Namespace) -> int:
         studies = list_studies(session, StudyState(args.state) if args.state else None)
     engine.dispose()
     rows = [
-        (s.study_instance_uid, s.patient_id, s.study_date, len(s.series), s.instances, s.state, s.reason)
+        (
+            s.study_instance_uid,
+            s.patient_id,
+            s.study_date,
+            len(s.series),
+            s.instances,
+            s.state,
+            s.reason,
+        )
         for s in studies
     ]
-    print(format_table(["study", "patient", "date", "series", "instances", "state", "reason"], rows, 70))
+    print(
+        format_table(
+            ["study", "patient", "date", "series", "instances", "state", "reason"], rows, 70
+        )
+    )
     return 0
 
 
@@ -137,8 +151,15 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     with sessions() as session:
         jobs = list_jobs(session, JobState(args.state) if args.state else None)
     engine.dispose()
-    rows = [(j.job_id, j.study_instance_uid, j.pipeline, j.generation, j.state, j.attempt, j.reason) for j in jobs]
-    print(format_table(["job", "study", "pipeline", "generation", "state", "attempt", "reason"], rows, 70))
+    rows = [
+        (j.job_id, j.study_instance_uid, j.pipeline, j.generation, j.state, j.attempt, j.reason)
+        for j in jobs
+    ]
+    print(
+        format_table(
+            ["job", "study", "pipeline", "generation", "state", "attempt", "reason"], rows, 70
+        )
+    )
     return 0
 
 
@@ -159,7 +180,9 @@ def _cmd_send_test(args: argparse.Namespace) -> int:
     by_name = {d.name: d for d in config.destinations}
     if args.destination not in by_name:
         known = ", ".join(sorted(by_name)) or "none configured"
-        raise CommandError(f"no destination named {args.destination!r} in the config (known: {known})")
+        raise CommandError(
+            f"no destination named {args.destination!r} in the config (known: {known})"
+        )
     report = check_destination(by_name[args.destination])
     print(format_report(report))
     return 0 if report.ok else 1
@@ -174,18 +197,24 @@ def _cmd_dispatcher(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging(config.log_level)
     if not config.destinations:
-        raise CommandError("no destinations configured: add a `destinations:` section to the config")
+        raise CommandError(
+            "no destinations configured: add a `destinations:` section to the config"
+        )
     engine, sessions = open_database(config)
     stop = threading.Event()
 
     def _shutdown(signum: int, _frame: object) -> None:
-        log.info("received %s, dispatcher stopping after the current batch", signal.Signals(signum).name)
+        log.info(
+            "received %s, dispatcher stopping after the current batch", signal.Signals(signum).name
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, _shutdown)
     signal.signal(signal.SIGINT, _shutdown)
     try:
-        Dispatcher(sessions, config.destinations, config.delivery, base_dir=config.storage.data_dir).run_forever(stop)
+        Dispatcher(
+            sessions, config.destinations, config.delivery, base_dir=config.storage.data_dir
+        ).run_forever(stop)
     finally:
         engine.dispose()
     return 0
@@ -218,7 +247,9 @@ def _cmd_segment_flair(args: argparse.Namespace) -> int:
         BrainMaskError,
     ) as exc:
         raise CommandError(str(exc)) from exc
-    print(f"wrote {outputs.mask_path}: {outputs.lesion_count} lesions, {outputs.total_volume_ml:.2f} mL")
+    print(
+        f"wrote {outputs.mask_path}: {outputs.lesion_count} lesions, {outputs.total_volume_ml:.2f} mL"
+    )
     if args.table:
         print(f"wrote {args.table}")
     for path in outputs.dicom_files:
@@ -244,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
         return sub
@@ -253,36 +286,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(serve)
     serve.add_argument("--port", type=int, help="listener port (listener.port)")
     serve.add_argument("--ae-title", help="listener AE title (listener.ae_title)")
-    serve.add_argument("--data-dir", type=Path, help="archive and embedded database (storage.data_dir)")
+    serve.add_argument(
+        "--data-dir", type=Path, help="archive and embedded database (storage.data_dir)"
+    )
     serve.add_argument("--database", help="SQLAlchemy database URL (database.url)")
 
     config_cmd = commands.add_parser("config", help="Check a config file.")
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    check = config_sub.add_parser("check", help="Validate FILE and print every error with its location.")
+    check = config_sub.add_parser(
+        "check", help="Validate FILE and print every error with its location."
+    )
     check.add_argument("file", type=Path)
     check.add_argument("--show", action="store_true", help="print the effective config when valid")
     check.set_defaults(handler=_cmd_config_check)
 
-    classify = command("classify", _cmd_classify, "Classify the DICOM series in a folder (FLAIR, T1, ...).")
+    classify = command(
+        "classify", _cmd_classify, "Classify the DICOM series in a folder (FLAIR, T1, ...)."
+    )
     classify.add_argument("directory", type=Path)
     _add_config_option(classify)
 
-    convert = command("convert", _cmd_convert, "Convert a DICOM series to NIfTI with exact geometry.")
+    convert = command(
+        "convert", _cmd_convert, "Convert a DICOM series to NIfTI with exact geometry."
+    )
     convert.add_argument("series_dir", type=Path)
     convert.add_argument("output", type=Path, help="output file, e.g. out.nii.gz")
-    convert.add_argument("--series-uid", help="SeriesInstanceUID when the folder holds several series")
+    convert.add_argument(
+        "--series-uid", help="SeriesInstanceUID when the folder holds several series"
+    )
 
     studies = command("studies", _cmd_studies, "List received studies and their state.")
     studies.add_argument("--state", choices=["receiving", "ready", "incomplete"])
     _add_config_option(studies)
 
     jobs = command("jobs", _cmd_jobs, "List jobs created by study assembly.")
-    jobs.add_argument("--state", choices=["pending", "running", "succeeded", "failed", "superseded"])
+    jobs.add_argument(
+        "--state", choices=["pending", "running", "succeeded", "failed", "superseded"]
+    )
     _add_config_option(jobs)
 
     db = commands.add_parser("db", help="Database maintenance.")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    upgrade = db_sub.add_parser("upgrade", help="Apply Alembic migrations up to the newest revision.")
+    upgrade = db_sub.add_parser(
+        "upgrade", help="Apply Alembic migrations up to the newest revision."
+    )
     _add_config_option(upgrade)
     upgrade.add_argument("--database", help="SQLAlchemy database URL (database.url)")
     upgrade.set_defaults(handler=_cmd_db_upgrade)
@@ -290,12 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="Run a pipeline offline on one case.")
     segment_sub = segment.add_subparsers(dest="pipeline", required=True, metavar="PIPELINE")
     flair = segment_sub.add_parser("flair", help="FLAIR lesions at one time point.")
-    flair.add_argument("--flair", type=Path, required=True, help="FLAIR as NIfTI file or DICOM series folder")
-    flair.add_argument("--t1", type=Path, help="T1 of the same study (used when the model takes it)")
-    flair.add_argument("--out", type=Path, required=True, help="lesion mask on the FLAIR's own grid (.nii.gz)")
+    flair.add_argument(
+        "--flair", type=Path, required=True, help="FLAIR as NIfTI file or DICOM series folder"
+    )
+    flair.add_argument(
+        "--t1", type=Path, help="T1 of the same study (used when the model takes it)"
+    )
+    flair.add_argument(
+        "--out", type=Path, required=True, help="lesion mask on the FLAIR's own grid (.nii.gz)"
+    )
     flair.add_argument("--table", type=Path, help="lesion table as CSV")
-    flair.add_argument("--weights", type=Path, help="weight file (default: pipelines.flair.weights, else shipped)")
-    flair.add_argument("--dicom-out", type=Path, help="also write SEG, SR and fallback objects here (DICOM input)")
+    flair.add_argument(
+        "--weights", type=Path, help="weight file (default: pipelines.flair.weights, else shipped)"
+    )
+    flair.add_argument(
+        "--dicom-out", type=Path, help="also write SEG, SR and fallback objects here (DICOM input)"
+    )
     _add_config_option(flair)
     flair.set_defaults(handler=_cmd_segment_flair)
 
@@ -303,14 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_commands(commands)
 
-    send_test = command("send-test", _cmd_send_test, "Check a result destination: C-ECHO plus a test object.")
+    send_test = command(
+        "send-test", _cmd_send_test, "Check a result destination: C-ECHO plus a test object."
+    )
     send_test.add_argument("destination", help="name of a destination in the config")
     _add_config_option(send_test)
 
-    dispatcher = command("dispatcher", _cmd_dispatcher, "Deliver results to the configured destinations.")
+    dispatcher = command(
+        "dispatcher", _cmd_dispatcher, "Deliver results to the configured destinations."
+    )
     _add_config_option(dispatcher)
 
-    demo = command("demo", _cmd_demo, "Start the service on embedded defaults and send it a real MS study.")
+    demo = command(
+        "demo", _cmd_demo, "Start the service on embedded defaults and send it a real MS study."
+    )
     demo.add_argument("--workdir", type=Path, help="keep the demo's archive and database here")
     demo.add_argument("--keep", action="store_true", help="do not delete the temporary work folder")
     return parser

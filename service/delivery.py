@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from lesionwatch.config.schema import DeliveryConfig
 from lesionwatch.dicom_io.scu import Outcome
 from lesionwatch.service.db.delivery_models import (
@@ -25,10 +30,6 @@ from lesionwatch.service.db.delivery_models import (
     DeliveryState,
 )
 from lesionwatch.service.db.models import utcnow
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 __all__ = [
     "ClaimedDelivery",

@@ -18,7 +18,11 @@ from lesionwatch.config import load_config
 from lesionwatch.config.schema import DestinationConfig, SeriesClass
 from lesionwatch.dicom_io.scu import Outcome, StoreItem, store_files
 from lesionwatch.dicom_io.series_identity import StudyIdentity, derive_uid
-from lesionwatch.dicom_io.study_builder import SeriesSpec, build_study_from_nifti, open_ms_longitudinal_specs
+from lesionwatch.dicom_io.study_builder import (
+    SeriesSpec,
+    build_study_from_nifti,
+    open_ms_longitudinal_specs,
+)
 
 from .db.models import StudyState
 from .queries import list_jobs, list_studies
@@ -30,7 +34,9 @@ __all__ = ["run_demo"]
 _DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "open_ms_data"
 
 
-def _identity(patient: str, name: str, birth: dt.date, sex: str, date: dt.date, accession: str) -> StudyIdentity:
+def _identity(
+    patient: str, name: str, birth: dt.date, sex: str, date: dt.date, accession: str
+) -> StudyIdentity:
     return StudyIdentity(
         patient_id=patient,
         patient_name=name,
@@ -47,7 +53,9 @@ def _identity(patient: str, name: str, birth: dt.date, sex: str, date: dt.date, 
 def _build_studies(out: Path) -> list[tuple[str, list[Path]]]:
     """Write the demo studies as DICOM; (label, files) per study, prior first."""
     if not _DATA.is_dir():
-        raise FileNotFoundError(f"demo data not found at {_DATA} (run the demo from a source checkout)")
+        raise FileNotFoundError(
+            f"demo data not found at {_DATA} (run the demo from a source checkout)"
+        )
     longitudinal = _DATA / "longitudinal" / "patient01"
     cross = _DATA / "cross_sectional" / "patient07"
     birth = dt.date(1980, 5, 17)
@@ -55,13 +63,17 @@ def _build_studies(out: Path) -> list[tuple[str, list[Path]]]:
         (
             "open_ms patient01, baseline",
             open_ms_longitudinal_specs(longitudinal, 1),
-            _identity("OMS-LONG-01", "OpenMS^Patient01", birth, "F", dt.date(2024, 3, 12), "DEMO0101"),
+            _identity(
+                "OMS-LONG-01", "OpenMS^Patient01", birth, "F", dt.date(2024, 3, 12), "DEMO0101"
+            ),
             "siemens",
         ),
         (
             "open_ms patient01, follow-up",
             open_ms_longitudinal_specs(longitudinal, 2),
-            _identity("OMS-LONG-01", "OpenMS^Patient01", birth, "F", dt.date(2025, 3, 20), "DEMO0102"),
+            _identity(
+                "OMS-LONG-01", "OpenMS^Patient01", birth, "F", dt.date(2025, 3, 20), "DEMO0102"
+            ),
             "siemens",
         ),
         (
@@ -71,7 +83,14 @@ def _build_studies(out: Path) -> list[tuple[str, list[Path]]]:
                 SeriesSpec(cross / "T1.nii.gz", SeriesClass.T1_PRE),
                 SeriesSpec(cross / "T1POST.nii.gz", SeriesClass.T1_POST),
             ],
-            _identity("OMS-CROSS-07", "OpenMS^Patient07", dt.date(1975, 1, 2), "M", dt.date(2025, 6, 3), "DEMO0701"),
+            _identity(
+                "OMS-CROSS-07",
+                "OpenMS^Patient07",
+                dt.date(1975, 1, 2),
+                "M",
+                dt.date(2025, 6, 3),
+                "DEMO0701",
+            ),
             "ge",
         ),
     ]
@@ -114,9 +133,14 @@ def _run(root: Path) -> int:
     service.start()
     try:
         listener = config.listener
-        print(f"service listening as {listener.ae_title} on {listener.host}:{listener.port} (embedded SQLite)")
+        print(
+            f"service listening as {listener.ae_title} on {listener.host}:{listener.port} (embedded SQLite)"
+        )
         destination = DestinationConfig(
-            name="lesionwatch", ae_title=listener.ae_title, host=listener.host, port=listener.port,
+            name="lesionwatch",
+            ae_title=listener.ae_title,
+            host=listener.host,
+            port=listener.port,
             calling_ae_title="DEMO_PACS",
         )
         for label, files in studies:
@@ -153,12 +177,28 @@ def _report(service: ListenerService, data_dir: Path) -> None:
         jobs = list_jobs(session)
     print(f"\narchived: {len(files)} files, {size_mb:.1f} MB under {archive}")
     for study in studies:
-        print(f"\nstudy {study.study_instance_uid}  patient {study.patient_id}  date {study.study_date}")
+        print(
+            f"\nstudy {study.study_instance_uid}  patient {study.patient_id}  date {study.study_date}"
+        )
         print(f"  state: {study.state}" + (f" ({study.reason})" if study.reason else ""))
-        rows = [(s.series_number, s.description, s.manufacturer, s.instances, s.series_class, s.reason) for s in study.series]
-        print("  " + format_table(["#", "description", "vendor", "images", "class", "reason"], rows, 90).replace("\n", "\n  "))
+        rows = [
+            (s.series_number, s.description, s.manufacturer, s.instances, s.series_class, s.reason)
+            for s in study.series
+        ]
+        print(
+            "  "
+            + format_table(
+                ["#", "description", "vendor", "images", "class", "reason"], rows, 90
+            ).replace("\n", "\n  ")
+        )
     print("\njobs created by study assembly (run by the workers in a later part):")
-    print(format_table(["job", "study", "pipeline", "state"], [(j.job_id, j.study_instance_uid, j.pipeline, j.state) for j in jobs], 70))
+    print(
+        format_table(
+            ["job", "study", "pipeline", "state"],
+            [(j.job_id, j.study_instance_uid, j.pipeline, j.state) for j in jobs],
+            70,
+        )
+    )
 
 
 def _free_port() -> int:

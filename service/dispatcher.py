@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
 from lesionwatch.config.schema import DeliveryConfig, DestinationConfig
 from lesionwatch.dicom_io.scu import StoreItem, store_files
 from lesionwatch.service.db.delivery_models import Delivery, DeliveryState
 from lesionwatch.service.db.models import utcnow
 from lesionwatch.service.delivery import claim_due, record_result
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["DispatchSummary", "Dispatcher"]
 
@@ -115,7 +116,10 @@ class Dispatcher:
                 if state != DeliveryState.SENT:
                     LOG.warning(
                         "delivery of %s to %s: %s (%s)",
-                        claim.sop_instance_uid, destination.name, state.value, result.reason,
+                        claim.sop_instance_uid,
+                        destination.name,
+                        state.value,
+                        result.reason,
                     )
             session.commit()
 

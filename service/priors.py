@@ -14,7 +14,9 @@ from .db.models import Study
 __all__ = ["find_local_prior"]
 
 
-def find_local_prior(session: Session, study: Study, required: Iterable[SeriesClass]) -> Study | None:
+def find_local_prior(
+    session: Session, study: Study, required: Iterable[SeriesClass]
+) -> Study | None:
     """The most recent earlier study of the same patient holding every `required` series class.
 
     "Earlier" means an older StudyDate/StudyTime, or for equal or missing dates an earlier first
@@ -30,7 +32,11 @@ def find_local_prior(session: Session, study: Study, required: Iterable[SeriesCl
     ).all()
 
     def sort_key(candidate: Study) -> tuple[str, str, float]:
-        return (candidate.study_date or "", candidate.study_time or "", candidate.first_received_at.timestamp())
+        return (
+            candidate.study_date or "",
+            candidate.study_time or "",
+            candidate.first_received_at.timestamp(),
+        )
 
     current_key = sort_key(study)
     earlier = [

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .db.models import Instance, Job, JobState, Series, Study, StudyState
+from .db.models import Instance, Job, JobState, Study, StudyState
 
 __all__ = ["JobRow", "SeriesRow", "StudyRow", "list_jobs", "list_studies"]
 
@@ -68,7 +68,9 @@ def list_studies(session: Session, state: StudyState | None = None) -> list[Stud
                 s.classification_reason,
                 counts.get(s.id, 0),
             )
-            for s in sorted(study.series, key=lambda s: (s.series_number or 0, s.series_instance_uid))
+            for s in sorted(
+                study.series, key=lambda s: (s.series_number or 0, s.series_instance_uid)
+            )
         )
         rows.append(
             StudyRow(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from pydicom import Dataset
@@ -22,7 +21,13 @@ if TYPE_CHECKING:
     from lesionwatch.models.weights import ModelCard
     from lesionwatch.pipelines.flair import FlairResult
 
-__all__ = ["DEFAULT_WEIGHTS_DIR", "SegmentInputError", "SegmentOutputs", "load_case_image", "segment_flair"]
+__all__ = [
+    "DEFAULT_WEIGHTS_DIR",
+    "SegmentInputError",
+    "SegmentOutputs",
+    "load_case_image",
+    "segment_flair",
+]
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models" / "weights"
 
@@ -89,14 +94,24 @@ def segment_flair(
     flair = load_case_image(flair_source)
     t1 = load_case_image(t1_source) if t1_source is not None else None
     if dicom_out is not None and not flair.datasets:
-        raise SegmentInputError("--dicom-out needs the FLAIR as a DICOM series folder, not a NIfTI file")
+        raise SegmentInputError(
+            "--dicom-out needs the FLAIR as a DICOM series folder, not a NIfTI file"
+        )
     weights_path = weights_for(config, "flair", weights)
     card = read_card(weights_path)
     model, card = load_model(
-        weights_path, "flair", card.architecture.channels, map_location=select_device(config.inference.device)
+        weights_path,
+        "flair",
+        card.architecture.channels,
+        map_location=select_device(config.inference.device),
     )
     result = run_flair_pipeline(
-        flair.volume, t1.volume if t1 else None, model, card, config.inference, config.pipelines.flair
+        flair.volume,
+        t1.volume if t1 else None,
+        model,
+        card,
+        config.inference,
+        config.pipelines.flair,
     )
     out_mask.parent.mkdir(parents=True, exist_ok=True)
     result.mask_source_grid.save(out_mask)
@@ -132,12 +147,19 @@ def _write_dicom_results(
     algorithm = AlgorithmIdentity(
         name="LesionWatch FLAIR lesion U-Net", version=card.version, model_card_sha256=card_sha256
     )
-    finding = FindingInput(FindingType.MS_LESION, datasets, result.mask_source_grid, result.lesions, algorithm)
+    finding = FindingInput(
+        FindingType.MS_LESION, datasets, result.mask_source_grid, result.lesions, algorithm
+    )
     objects = build_result_objects(
         [finding],
         job=JobIdentity(f"offline/{study_uid}/flair/{card_sha256}"),
         config=config.results,
-        notes=[AnalysisNote(AnalysisState.NO_PRIOR_AVAILABLE, "offline run of the FLAIR pipeline: no prior compared")],
+        notes=[
+            AnalysisNote(
+                AnalysisState.NO_PRIOR_AVAILABLE,
+                "offline run of the FLAIR pipeline: no prior compared",
+            )
+        ],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

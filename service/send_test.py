@@ -14,6 +14,16 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+
 from lesionwatch.config.schema import DestinationConfig
 from lesionwatch.dicom_io.scu import (
     AssociationFailure,
@@ -24,15 +34,6 @@ from lesionwatch.dicom_io.scu import (
     associate,
     classify_store_status,
     echo,
-)
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom.association import Association
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    Comprehensive3DSRStorage,
-    ComprehensiveSRStorage,
-    SecondaryCaptureImageStorage,
-    SegmentationStorage,
 )
 
 __all__ = [
@@ -209,12 +210,16 @@ def _echo_step(dest: DestinationConfig) -> tuple[StepResult, bool]:
         return StepResult("C-ECHO", StepStatus.OK, f"{result.reason} in {elapsed_ms:.0f} ms"), True
     if result.failure is None:
         return StepResult(
-            "C-ECHO", StepStatus.FAILED, result.reason,
+            "C-ECHO",
+            StepStatus.FAILED,
+            result.reason,
             "The PACS accepted the association but did not confirm the echo; see its log.",
         ), True
     if result.failure.kind == AssociationFailureKind.NO_ACCEPTED_CONTEXT:
         return StepResult(
-            "C-ECHO", StepStatus.WARNING, result.reason,
+            "C-ECHO",
+            StepStatus.WARNING,
+            result.reason,
             "The PACS does not offer Verification (C-ECHO); storage may still work.",
         ), True
     return StepResult(
@@ -253,7 +258,8 @@ def _store_step(assoc: Association, ds: Dataset) -> StepResult:
     elapsed_ms = (time.monotonic() - started) * 1000
     if "Status" not in status:
         return StepResult(
-            "C-STORE test object", StepStatus.FAILED,
+            "C-STORE test object",
+            StepStatus.FAILED,
             "no response (DIMSE timeout or the association was lost)",
             f"The PACS did not answer within {assoc.dimse_timeout:g} s; see its log.",
         )
@@ -263,8 +269,12 @@ def _store_step(assoc: Association, ds: Dataset) -> StepResult:
     if outcome == Outcome.SUCCESS:
         return StepResult("C-STORE test object", StepStatus.OK, detail)
     if outcome == Outcome.WARNING:
-        return StepResult("C-STORE test object", StepStatus.WARNING, detail,
-                          "Stored, but the PACS changed or dropped something; see its log.")
+        return StepResult(
+            "C-STORE test object",
+            StepStatus.WARNING,
+            detail,
+            "Stored, but the PACS changed or dropped something; see its log.",
+        )
     advice = (
         "The PACS is short of resources or failed internally; results will be retried."
         if outcome == Outcome.TRANSIENT
@@ -288,8 +298,12 @@ def check_destination(dest: DestinationConfig) -> SendTestReport:
     if attempt.association is None:
         assert attempt.failure is not None
         report.steps.append(
-            StepResult("Result SOP classes", StepStatus.FAILED, attempt.failure.reason,
-                       explain_failure(dest, attempt.failure))
+            StepResult(
+                "Result SOP classes",
+                StepStatus.FAILED,
+                attempt.failure.reason,
+                explain_failure(dest, attempt.failure),
+            )
         )
         report.steps.append(
             StepResult("C-STORE test object", StepStatus.SKIPPED, "not tried: no association")

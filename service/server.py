@@ -66,7 +66,10 @@ class ListenerService:
             try:
                 self.assembler.run_once()
             except Exception:  # one bad pass must not end assembly for good
-                log.exception("study assembly pass failed; retrying in %.0f s", self.config.assembly.poll_interval_s)
+                log.exception(
+                    "study assembly pass failed; retrying in %.0f s",
+                    self.config.assembly.poll_interval_s,
+                )
             self._stop.wait(self.config.assembly.poll_interval_s)
 
     def wait(self) -> None:

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 __all__ = ["format_table"]
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], max_width: int = 60) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], max_width: int = 60
+) -> str:
     """Left-aligned columns separated by two spaces; cells longer than `max_width` are cut."""
 
     def cell(value: object) -> str:

@@ -13,7 +13,12 @@ _TASKS = ["flair", "new_lesions", "enhancing"]
 
 
 def _case_set(args: argparse.Namespace, task: str) -> Any:
-    from lesionwatch.models.datasets import CaseSet, real_case_set, synthetic_brains, synthetic_case_set
+    from lesionwatch.models.datasets import (
+        CaseSet,
+        real_case_set,
+        synthetic_brains,
+        synthetic_case_set,
+    )
 
     datasets = args.datasets.split(",") if args.datasets else None
     parts = []
@@ -49,11 +54,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     settings = TrainSettings(
         task=args.task,
-        **{k: v for k, v in {"depth": args.depth, "base_width": args.base_width}.items() if v is not None},
+        **{
+            k: v
+            for k, v in {"depth": args.depth, "base_width": args.base_width}.items()
+            if v is not None
+        },
         **_optimisation(args),
     )
     result = train(settings, _case_set(args, args.task), args.out, resume=args.resume)
-    print(f"wrote {result.weights_path} after {result.steps_done} steps ({result.seconds / 60:.1f} min)")
+    print(
+        f"wrote {result.weights_path} after {result.steps_done} steps ({result.seconds / 60:.1f} min)"
+    )
     return 0
 
 
@@ -62,10 +73,18 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from lesionwatch.models.weights import read_card
 
     task = read_card(args.from_weights).task
-    extra = {"freeze_encoder_steps": args.freeze_encoder_steps} if args.freeze_encoder_steps is not None else {}
+    extra = (
+        {"freeze_encoder_steps": args.freeze_encoder_steps}
+        if args.freeze_encoder_steps is not None
+        else {}
+    )
     settings = FinetuneSettings(**_optimisation(args), **extra)
-    result = finetune(args.from_weights, _case_set(args, task), args.out, settings, resume=args.resume)
-    print(f"wrote {result.weights_path} after {result.steps_done} steps ({result.seconds / 60:.1f} min)")
+    result = finetune(
+        args.from_weights, _case_set(args, task), args.out, settings, resume=args.resume
+    )
+    print(
+        f"wrote {result.weights_path} after {result.steps_done} steps ({result.seconds / 60:.1f} min)"
+    )
     return 0
 
 
@@ -75,7 +94,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     task = read_card(args.weights).task
     settings = EvaluateSettings(
-        **{k: v for k, v in {"threshold": args.threshold, "step_mm": args.step_mm, "device": args.device}.items() if v}
+        **{
+            k: v
+            for k, v in {
+                "threshold": args.threshold,
+                "step_mm": args.step_mm,
+                "device": args.device,
+            }.items()
+            if v
+        }
     )
     report = evaluate(args.weights, _case_set(args, task), settings, task=task)
     print(report.table())
@@ -88,15 +115,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-root", type=Path, help="labelled data (default: ../shared/data beside the checkout)")
+    parser.add_argument(
+        "--data-root", type=Path, help="labelled data (default: ../shared/data beside the checkout)"
+    )
     parser.add_argument("--datasets", help="comma-separated subset, e.g. open_ms_data,mslesseg")
     parser.add_argument("--real", action="store_true", help="include the real labelled cases")
-    parser.add_argument("--synthetic", type=int, default=0, metavar="N", help="N synthetic cases from real brains")
+    parser.add_argument(
+        "--synthetic", type=int, default=0, metavar="N", help="N synthetic cases from real brains"
+    )
     parser.add_argument("--synthetic-seed", type=int, default=0)
 
 
 def _optimisation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, weights and card")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for checkpoints, weights and card"
+    )
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--patch-mm", type=int)
@@ -109,11 +142,15 @@ def _optimisation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--version", help="version written into the model card")
     parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
 
 
 def add_training_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    train = commands.add_parser("train", help="Train a model from scratch (synthetic and/or real cases).")
+    train = commands.add_parser(
+        "train", help="Train a model from scratch (synthetic and/or real cases)."
+    )
     train.add_argument("--task", choices=_TASKS, required=True)
     train.add_argument("--depth", type=int, choices=[3, 4, 5])
     train.add_argument("--base-width", type=int)
@@ -121,19 +158,27 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:  # type
     _data_options(train)
     train.set_defaults(handler=_cmd_train)
 
-    finetune = commands.add_parser("finetune", help="Fine-tune weights on a site's labelled studies.")
-    finetune.add_argument("--from", dest="from_weights", type=Path, required=True, help="parent weight file")
+    finetune = commands.add_parser(
+        "finetune", help="Fine-tune weights on a site's labelled studies."
+    )
+    finetune.add_argument(
+        "--from", dest="from_weights", type=Path, required=True, help="parent weight file"
+    )
     finetune.add_argument("--freeze-encoder-steps", type=int)
     _optimisation_options(finetune)
     _data_options(finetune)
     finetune.set_defaults(handler=_cmd_finetune)
 
-    evaluate = commands.add_parser("evaluate", help="Lesion-wise sensitivity/PPV/F1, Dice and volumes.")
+    evaluate = commands.add_parser(
+        "evaluate", help="Lesion-wise sensitivity/PPV/F1, Dice and volumes."
+    )
     evaluate.add_argument("weights", type=Path)
     evaluate.add_argument("--threshold", type=float)
     evaluate.add_argument("--step-mm", type=int)
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"])
     evaluate.add_argument("--json", type=Path, help="also write the results as JSON")
-    evaluate.add_argument("--record-in-card", metavar="PREFIX", help="store the summary in the model card")
+    evaluate.add_argument(
+        "--record-in-card", metavar="PREFIX", help="store the summary in the model card"
+    )
     _data_options(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)

@@ -4,8 +4,16 @@ from .engine import create_db_engine, migrate, session_factory
 from .models import Base, Instance, Job, JobState, Series, Study, StudyState
 
 __all__ = [
-    "Base", "Instance", "Job", "JobState", "Series", "Study", "StudyState",
-    "create_db_engine", "migrate", "session_factory",
+    "Base",
+    "Instance",
+    "Job",
+    "JobState",
+    "Series",
+    "Study",
+    "StudyState",
+    "create_db_engine",
+    "migrate",
+    "session_factory",
 ]
 
 # Registers the outbox tables on Base.metadata (Alembic's env imports this package).

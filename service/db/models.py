@@ -8,19 +8,29 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     BigInteger,
     DateTime,
-    TypeDecorator,
     Enum,
     ForeignKey,
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from lesionwatch.config.schema import SeriesClass
 
-__all__ = ["UTCDateTime", "Base", "Instance", "Job", "JobState", "Series", "Study", "StudyState", "utcnow"]
+__all__ = [
+    "UTCDateTime",
+    "Base",
+    "Instance",
+    "Job",
+    "JobState",
+    "Series",
+    "Study",
+    "StudyState",
+    "utcnow",
+]
 
 
 def utcnow() -> datetime:
@@ -81,7 +91,9 @@ class Study(Base):
     study_time: Mapped[str] = mapped_column(String(16), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="")
     study_description: Mapped[str] = mapped_column(String(64), default="")
-    state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVING, index=True)
+    state: Mapped[StudyState] = mapped_column(
+        _enum(StudyState), default=StudyState.RECEIVING, index=True
+    )
     state_reason: Mapped[str] = mapped_column(Text, default="")
     # Incremented when late series reopen a processed study; jobs belong to one generation.
     generation: Mapped[int] = mapped_column(Integer, default=0)
@@ -93,7 +105,9 @@ class Study(Base):
     # Series first received after this instant are "late" and not yet handled by the policy.
     late_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
-    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
+    series: Mapped[list[Series]] = relationship(
+        back_populates="study", order_by="Series.series_number"
+    )
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
 
 
@@ -136,7 +150,9 @@ class Instance(Base):
 
 class Job(Base):
     __tablename__ = "job"
-    __table_args__ = (UniqueConstraint("study_id", "pipeline", "generation", name="uq_job_study_pipeline_gen"),)
+    __table_args__ = (
+        UniqueConstraint("study_id", "pipeline", "generation", name="uq_job_study_pipeline_gen"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)

@@ -26,11 +26,15 @@ CASE = Path(__file__).resolve().parents[1] / "data/open_ms_data/longitudinal/pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--weights", type=Path)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--base-width", type=int, default=8)
-    parser.add_argument("--with-t1", action="store_true", help="also register the T1 (model must take it)")
+    parser.add_argument(
+        "--with-t1", action="store_true", help="also register the T1 (model must take it)"
+    )
     args = parser.parse_args()
 
     weights = args.weights
@@ -52,7 +56,9 @@ def main() -> None:
     for name, seconds in result.timings_s.items():
         print(f"{name:<32}{seconds:>10.2f}{seconds / total:>8.0%}")
     print(f"{'total':<32}{total:>10.2f}")
-    print(f"device {inference.device}, torch threads {torch.get_num_threads()}, {len(result.lesions)} lesions")
+    print(
+        f"device {inference.device}, torch threads {torch.get_num_threads()}, {len(result.lesions)} lesions"
+    )
 
 
 if __name__ == "__main__":

@@ -61,13 +61,26 @@ def test_serve_receives_classifies_and_assembles(tmp_path: Path) -> None:
     )
     try:
         for _ in range(100):  # wait until the listener accepts connections
-            echo = subprocess.run(["echoscu", "-aec", "LW_E2E", "127.0.0.1", str(port)], capture_output=True)
+            echo = subprocess.run(
+                ["echoscu", "-aec", "LW_E2E", "127.0.0.1", str(port)], capture_output=True
+            )
             if echo.returncode == 0:
                 break
             assert server.poll() is None, server.stdout.read() if server.stdout else ""
             time.sleep(0.2)
         store = subprocess.run(
-            [storescu, "-aet", "MODALITY1", "-aec", "LW_E2E", "+sd", "+r", "127.0.0.1", str(port), str(tmp_path / "outgoing")],
+            [
+                storescu,
+                "-aet",
+                "MODALITY1",
+                "-aec",
+                "LW_E2E",
+                "+sd",
+                "+r",
+                "127.0.0.1",
+                str(port),
+                str(tmp_path / "outgoing"),
+            ],
             capture_output=True,
             text=True,
             timeout=120,

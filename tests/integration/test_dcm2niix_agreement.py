@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import require_executable
+
 from lesionwatch.dicom_io.convert import convert_series
 from lesionwatch.dicom_io.series_files import read_dicom_file
 from lesionwatch.dicom_io.series_reader import LoadedSeries, load_series
@@ -28,7 +29,9 @@ def _dcm2niix(executable: str, dicom_dir: Path, out_dir: Path) -> nib.Nifti1Imag
     out_dir.mkdir()
     subprocess.run(
         [executable, "-z", "y", "-b", "n", "-o", str(out_dir), "-f", "ref", str(dicom_dir)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return nib.load(out_dir / "ref.nii.gz")
 
@@ -75,6 +78,8 @@ def test_convert_matches_dcm2niix(series: str, test_data: Path, tmp_path: Path) 
     slices = loaded.volume.array.shape[0]
     spacing_term = (slices - 1) * abs(_first_pair_spacing_mm(loaded) - loaded.volume.spacing_mm[2])
     distance = _corner_distance_mm(ours, reference)
-    print(f"{series}: max voxel-centre distance to dcm2niix {distance:.6f} mm "
-          f"(first-pair spacing term {spacing_term:.6f} mm)")
+    print(
+        f"{series}: max voxel-centre distance to dcm2niix {distance:.6f} mm "
+        f"(first-pair spacing term {spacing_term:.6f} mm)"
+    )
     assert distance <= 1e-3 + spacing_term

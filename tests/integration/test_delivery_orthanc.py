@@ -17,16 +17,17 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import free_port, require_executable
+from orthanc_server import OrthancServer, running_orthanc
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy.orm import Session, sessionmaker
+
 from lesionwatch.config.schema import DeliveryConfig, DestinationConfig
 from lesionwatch.service.db import create_db_engine, migrate, session_factory
 from lesionwatch.service.db.delivery_models import AttemptOutcome, Delivery, DeliveryState
 from lesionwatch.service.delivery import enqueue_results, list_deliveries
 from lesionwatch.service.dispatcher import Dispatcher
 from lesionwatch.service.send_test import StepStatus, check_destination, format_report
-from orthanc_server import OrthancServer, running_orthanc
-from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from sqlalchemy.orm import Session, sessionmaker
 
 pytestmark = pytest.mark.integration
 
@@ -214,7 +215,8 @@ def test_results_wait_while_orthanc_is_down_and_go_when_it_returns(
         assert row.state == DeliveryState.SENT
         assert row.attempts == 2
         assert [a.outcome for a in row.attempt_log] == [
-            AttemptOutcome.TRANSIENT, AttemptOutcome.SUCCESS,
+            AttemptOutcome.TRANSIENT,
+            AttemptOutcome.SUCCESS,
         ]
 
 

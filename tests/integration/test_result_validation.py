@@ -88,6 +88,7 @@ def _crop(volume: ImageVolume) -> ImageVolume:
 
 def _moved_onto(mask: ImageVolume, grid: ImageVolume) -> ImageVolume:
     """`mask` translated so its centre meets the grid's centre, resampled (nearest) onto it."""
+
     def centre(volume: ImageVolume) -> np.ndarray:
         return volume.index_to_lps((np.asarray(volume.shape_ijk) - 1) / 2)
 
@@ -133,15 +134,24 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     enhancing = _moved_onto(lesions, t1_grid)  # the crop's lesions: keeps the SR small
     findings = [
         FindingInput(
-            FindingType.MS_LESION, flair, lesions, lesion_table(lesions),
+            FindingType.MS_LESION,
+            flair,
+            lesions,
+            lesion_table(lesions),
             AlgorithmIdentity("LesionWatch FLAIR lesion U-Net", "1.0.0", "a1" * 32),
         ),
         FindingInput(
-            FindingType.NEW_LESION, flair, new_mask, lesion_table(new_mask),
+            FindingType.NEW_LESION,
+            flair,
+            new_mask,
+            lesion_table(new_mask),
             AlgorithmIdentity("LesionWatch new lesion U-Net", "1.0.0", "b2" * 32),
         ),
         FindingInput(
-            FindingType.ENHANCING_LESION, t1, enhancing, lesion_table(enhancing),
+            FindingType.ENHANCING_LESION,
+            t1,
+            enhancing,
+            lesion_table(enhancing),
             AlgorithmIdentity("LesionWatch enhancing lesion U-Net", "1.0.0", "c3" * 32),
         ),
     ]
@@ -180,9 +190,17 @@ def test_pixelmed_sr_validator_finds_no_errors(case: Case) -> None:
     require_service(PIXELMED_JAR.is_file(), f"PixelMed jar not found at {PIXELMED_JAR}")
     (sr_path,) = case.files["SR"]
     run = subprocess.run(
-        [java, *JAVA_XPATH_LIMITS, "-cp", str(PIXELMED_JAR),
-         "com.pixelmed.validate.DicomSRValidator", str(sr_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            java,
+            *JAVA_XPATH_LIMITS,
+            "-cp",
+            str(PIXELMED_JAR),
+            "com.pixelmed.validate.DicomSRValidator",
+            str(sr_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = run.stdout + run.stderr
     assert "Found Root Template TID_1500 (MeasurementReport)" in output, output[-2000:]
@@ -198,9 +216,19 @@ def test_dcmqi_reads_back_every_segment_voxel_for_voxel(case: Case, tmp_path: Pa
         out = tmp_path / seg_path.stem
         out.mkdir()
         subprocess.run(
-            [segimage2itkimage, "--inputDICOM", str(seg_path), "--outputDirectory", str(out),
-             "--outputType", "nifti"],
-            check=True, capture_output=True, text=True, timeout=120,
+            [
+                segimage2itkimage,
+                "--inputDICOM",
+                str(seg_path),
+                "--outputDirectory",
+                str(out),
+                "--outputType",
+                "nifti",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         for segment in seg.SegmentSequence:
             read = ImageVolume.load(out / f"{segment.SegmentNumber}.nii.gz")
@@ -241,7 +269,10 @@ def test_dcmqi_tid1500reader_gives_our_volumes(case: Case, tmp_path: Path) -> No
     (sr_path,) = case.files["SR"]
     subprocess.run(
         [reader, "--inputDICOM", str(sr_path), "--outputMetadata", str(tmp_path / "sr.json")],
-        check=True, capture_output=True, text=True, timeout=120,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     groups = json.loads((tmp_path / "sr.json").read_text())["Measurements"]
     volumes = {

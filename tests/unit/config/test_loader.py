@@ -96,7 +96,9 @@ def test_rabbitmq_needs_a_url() -> None:
         load_config(None, environ={"LESIONWATCH_BROKER__KIND": "rabbitmq"})
 
 
-def test_config_check_command_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_check_command_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["config", "check", str(EXAMPLE)]) == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text("storage:\n  min_free_disk_mb: lots\n")

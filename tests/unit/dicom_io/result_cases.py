@@ -72,22 +72,31 @@ class Study:
     def findings(self, *, with_new: bool = True, with_enhancing: bool = True) -> list[FindingInput]:
         findings = [
             FindingInput(
-                FindingType.MS_LESION, self.flair, self.lesion_mask,
-                lesion_table(self.lesion_mask), FLAIR_MODEL,
+                FindingType.MS_LESION,
+                self.flair,
+                self.lesion_mask,
+                lesion_table(self.lesion_mask),
+                FLAIR_MODEL,
             )
         ]
         if with_new:
             findings.append(
                 FindingInput(
-                    FindingType.NEW_LESION, self.flair, self.new_mask,
-                    lesion_table(self.new_mask), NEW_MODEL,
+                    FindingType.NEW_LESION,
+                    self.flair,
+                    self.new_mask,
+                    lesion_table(self.new_mask),
+                    NEW_MODEL,
                 )
             )
         if with_enhancing:
             findings.append(
                 FindingInput(
-                    FindingType.ENHANCING_LESION, self.t1_post, self.enhancing_mask,
-                    lesion_table(self.enhancing_mask), ENHANCING_MODEL,
+                    FindingType.ENHANCING_LESION,
+                    self.t1_post,
+                    self.enhancing_mask,
+                    lesion_table(self.enhancing_mask),
+                    ENHANCING_MODEL,
                 )
             )
         return findings

@@ -8,16 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lesionwatch.config.schema import ClassificationConfig, ClassificationRule, SeriesClass
-from lesionwatch.dicom_io.classify import (
-    Classification,
-    classify_directory,
-    classify_scan,
-    classify_series,
-    format_table,
-    scan_directory,
-)
-from lesionwatch.dicom_io.series_files import read_dicom_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -30,6 +20,17 @@ from pydicom.uid import (
     SegmentationStorage,
     generate_uid,
 )
+
+from lesionwatch.config.schema import ClassificationConfig, ClassificationRule, SeriesClass
+from lesionwatch.dicom_io.classify import (
+    Classification,
+    classify_directory,
+    classify_scan,
+    classify_series,
+    format_table,
+    scan_directory,
+)
+from lesionwatch.dicom_io.series_files import read_dicom_file
 
 DEFAULT = ClassificationConfig()
 FLAIR, T1_PRE, T1_POST, T2, OTHER = (

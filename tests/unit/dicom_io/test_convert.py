@@ -11,17 +11,22 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from scipy.spatial.transform import Rotation
+
 from lesionwatch.config.schema import SeriesClass
 from lesionwatch.dicom_io.convert import convert_series
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.dicom_io.series_errors import SeriesGeometryError, SeriesSelectionError
 from lesionwatch.dicom_io.series_identity import StudyIdentity
 from lesionwatch.dicom_io.series_writer import write_series
-from scipy.spatial.transform import Rotation
 
 IDENTITY = StudyIdentity.from_seed(
-    "convert-tests", patient_id="LW-TEST-3", patient_name="Test^Convert", birth_date=None,
-    sex="", study_date=dt.date(2024, 1, 2),
+    "convert-tests",
+    patient_id="LW-TEST-3",
+    patient_name="Test^Convert",
+    birth_date=None,
+    sex="",
+    study_date=dt.date(2024, 1, 2),
 )
 
 
@@ -35,8 +40,9 @@ def test_written_series_converts_to_the_same_nifti(tmp_path: Path) -> None:
     direction[:, 0] *= -1
     array = np.random.default_rng(5).integers(0, 900, (12, 32, 30)).astype(np.int16)
     volume = ImageVolume(array, (0.8, 0.9, 2.5), (30.0, -12.0, 5.5), direction)
-    write_series(volume, tmp_path / "dicom", contrast=SeriesClass.T2, identity=IDENTITY,
-                 series_number=2)
+    write_series(
+        volume, tmp_path / "dicom", contrast=SeriesClass.T2, identity=IDENTITY, series_number=2
+    )
     out = tmp_path / "out" / "t2.nii.gz"
     returned = convert_series(tmp_path / "dicom", out)
     image = nib.load(out)
@@ -68,8 +74,11 @@ def test_siemens_series_matches_committed_dcm2niix_reference(
 
 def test_refusals_propagate(tmp_path: Path) -> None:
     paths = write_series(
-        ImageVolume(np.zeros((5, 32, 32), np.int16), (1, 1, 2), (0, 0, 0)), tmp_path / "d",
-        contrast=SeriesClass.FLAIR, identity=IDENTITY, series_number=2,
+        ImageVolume(np.zeros((5, 32, 32), np.int16), (1, 1, 2), (0, 0, 0)),
+        tmp_path / "d",
+        contrast=SeriesClass.FLAIR,
+        identity=IDENTITY,
+        series_number=2,
     )
     with pytest.raises(ValueError, match="must end with"):
         convert_series(tmp_path / "d", tmp_path / "out.png")

@@ -92,8 +92,11 @@ def test_inputs_that_do_not_fit_together_are_refused(study: Study) -> None:
     with pytest.raises(ResultsInputError, match="given twice"):
         build_result_objects([findings[0], findings[0]], job=JobIdentity("j"))
     mixed = type(findings[0])(
-        findings[0].finding_type, [*study.flair[:-1], study.t1_post[0]], findings[0].mask,
-        findings[0].lesions, findings[0].algorithm,
+        findings[0].finding_type,
+        [*study.flair[:-1], study.t1_post[0]],
+        findings[0].mask,
+        findings[0].lesions,
+        findings[0].algorithm,
     )
     with pytest.raises(ResultsInputError, match="from 2 series"):
         build_result_objects([mixed], job=JobIdentity("j"))

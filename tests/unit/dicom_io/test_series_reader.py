@@ -14,16 +14,6 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from conftest import require_executable
-from lesionwatch.config.schema import SeriesClass
-from lesionwatch.dicom_io.image_volume import ImageVolume
-from lesionwatch.dicom_io.series_errors import (
-    DicomSeriesError,
-    SeriesGeometryError,
-    SeriesSelectionError,
-)
-from lesionwatch.dicom_io.series_identity import StudyIdentity, derive_uid
-from lesionwatch.dicom_io.series_reader import load_series, read_series
-from lesionwatch.dicom_io.series_writer import write_series
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
 from pydicom.uid import (
@@ -35,6 +25,17 @@ from pydicom.uid import (
     RLELossless,
 )
 from scipy.spatial.transform import Rotation
+
+from lesionwatch.config.schema import SeriesClass
+from lesionwatch.dicom_io.image_volume import ImageVolume
+from lesionwatch.dicom_io.series_errors import (
+    DicomSeriesError,
+    SeriesGeometryError,
+    SeriesSelectionError,
+)
+from lesionwatch.dicom_io.series_identity import StudyIdentity, derive_uid
+from lesionwatch.dicom_io.series_reader import load_series, read_series
+from lesionwatch.dicom_io.series_writer import write_series
 
 IDENTITY = StudyIdentity.from_seed(
     "reader-tests",
@@ -61,8 +62,12 @@ def _volume(dtype: type = np.int16, shape: tuple[int, int, int] = (12, 32, 30)) 
 
 def _write(volume: ImageVolume, folder: Path, series_number: int = 3, **kwargs) -> list[Path]:
     return write_series(
-        volume, folder, contrast=SeriesClass.FLAIR, identity=IDENTITY,
-        series_number=series_number, **kwargs,
+        volume,
+        folder,
+        contrast=SeriesClass.FLAIR,
+        identity=IDENTITY,
+        series_number=series_number,
+        **kwargs,
     )
 
 
@@ -268,9 +273,9 @@ def test_enhanced_mr_error_names_the_frame() -> None:
     base = _volume(shape=(4, 32, 30))
     ds = _enhanced_mr(base, np.ones(4), np.zeros(4))
     position = ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0]
-    ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence[0].ImagePositionPatient = (
-        position.ImagePositionPatient
-    )
+    ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence[
+        0
+    ].ImagePositionPatient = position.ImagePositionPatient
     with pytest.raises(SeriesGeometryError, match="duplicates the position") as info:
         read_series([ds])
     assert "frame 2 of instance 1" in str(info.value) and "frame 3 of instance 1" in str(info.value)

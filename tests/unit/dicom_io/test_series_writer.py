@@ -12,14 +12,15 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import require_service
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
+from scipy.spatial.transform import Rotation
+
 from lesionwatch.config.schema import SeriesClass
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.dicom_io.series_identity import StudyIdentity, derive_uid
 from lesionwatch.dicom_io.series_pixels import quantise
 from lesionwatch.dicom_io.series_reader import read_series
 from lesionwatch.dicom_io.series_writer import write_series
-from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
-from scipy.spatial.transform import Rotation
 
 IDENTITY = StudyIdentity.from_seed(
     "writer-tests",
@@ -92,8 +93,12 @@ def test_every_profile_passes_dciodvfy_and_round_trips(
 def test_compressed_output_passes_dciodvfy(tmp_path: Path) -> None:
     for syntax in (RLELossless, JPEG2000Lossless):
         paths = write_series(
-            _volume(shape=(2, 32, 32)), tmp_path / syntax.name, contrast=SeriesClass.T2,
-            identity=IDENTITY, series_number=7, transfer_syntax=syntax,
+            _volume(shape=(2, 32, 32)),
+            tmp_path / syntax.name,
+            contrast=SeriesClass.T2,
+            identity=IDENTITY,
+            series_number=7,
+            transfer_syntax=syntax,
         )
         assert _dciodvfy_errors(paths[0]) == []
 
@@ -125,8 +130,13 @@ def test_flair_headers_look_like_a_siemens_2d_flair(tmp_path: Path) -> None:
 
 def test_post_contrast_t1_on_ge(tmp_path: Path) -> None:
     paths = write_series(
-        _volume(1.0), tmp_path, contrast=SeriesClass.T1_POST, identity=IDENTITY,
-        series_number=9, vendor="ge", series_description="AX T1 MPRAGE POST",
+        _volume(1.0),
+        tmp_path,
+        contrast=SeriesClass.T1_POST,
+        identity=IDENTITY,
+        series_number=9,
+        vendor="ge",
+        series_description="AX T1 MPRAGE POST",
     )
     ds = pydicom.dcmread(paths[0])
     assert ds.ContrastBolusAgent == "Gadolinium" and ds.ContrastBolusRoute == "IV"
@@ -195,20 +205,42 @@ def test_quantisation_rule() -> None:
 
 
 def test_refusals(tmp_path: Path) -> None:
-    sheared = ImageVolume(np.zeros((2, 32, 32), np.int16), (1, 1, 1), (0, 0, 0),
-                          np.array([[1, 0.2, 0], [0, 1, 0], [0, 0, 1]]))
+    sheared = ImageVolume(
+        np.zeros((2, 32, 32), np.int16),
+        (1, 1, 1),
+        (0, 0, 0),
+        np.array([[1, 0.2, 0], [0, 1, 0], [0, 0, 1]]),
+    )
     with pytest.raises(ValueError, match="not orthonormal"):
-        write_series(sheared, tmp_path, contrast=SeriesClass.T2, identity=IDENTITY,
-                     series_number=1)
+        write_series(sheared, tmp_path, contrast=SeriesClass.T2, identity=IDENTITY, series_number=1)
     with pytest.raises(ValueError, match="lossless"):
-        write_series(_volume(), tmp_path, contrast=SeriesClass.T2, identity=IDENTITY,
-                     series_number=1, transfer_syntax=JPEGBaseline8Bit)
+        write_series(
+            _volume(),
+            tmp_path,
+            contrast=SeriesClass.T2,
+            identity=IDENTITY,
+            series_number=1,
+            transfer_syntax=JPEGBaseline8Bit,
+        )
     with pytest.raises(ValueError, match="at least 32x32"):
-        write_series(_volume(shape=(2, 16, 16)), tmp_path, contrast=SeriesClass.T2,
-                     identity=IDENTITY, series_number=1, transfer_syntax=JPEG2000Lossless)
+        write_series(
+            _volume(shape=(2, 16, 16)),
+            tmp_path,
+            contrast=SeriesClass.T2,
+            identity=IDENTITY,
+            series_number=1,
+            transfer_syntax=JPEG2000Lossless,
+        )
     with pytest.raises(ValueError, match="no MR header profile"):
-        write_series(_volume(), tmp_path, contrast=SeriesClass.OTHER, identity=IDENTITY,
-                     series_number=1)
+        write_series(
+            _volume(), tmp_path, contrast=SeriesClass.OTHER, identity=IDENTITY, series_number=1
+        )
     with pytest.raises(ValueError, match="sex"):
-        StudyIdentity.from_seed("s", patient_id="p", patient_name="n", birth_date=None,
-                                sex="X", study_date=dt.date(2024, 1, 1))
+        StudyIdentity.from_seed(
+            "s",
+            patient_id="p",
+            patient_name="n",
+            birth_date=None,
+            sex="X",
+            study_date=dt.date(2024, 1, 1),
+        )

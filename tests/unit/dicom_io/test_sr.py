@@ -47,7 +47,10 @@ def _findings(study: Study, seg: Dataset, *, with_new: bool = True) -> list[Find
         FindingReport(
             FindingType.MS_LESION,
             [LesionMeasurement.from_lesion(x) for x in lesion_table(study.lesion_mask)],
-            seg, 1, series_uid, FLAIR_MODEL,
+            seg,
+            1,
+            series_uid,
+            FLAIR_MODEL,
         )
     ]
     if with_new:
@@ -55,7 +58,10 @@ def _findings(study: Study, seg: Dataset, *, with_new: bool = True) -> list[Find
             FindingReport(
                 FindingType.NEW_LESION,
                 [LesionMeasurement.from_lesion(x) for x in lesion_table(study.new_mask)],
-                seg, 2, series_uid, NEW_MODEL,
+                seg,
+                2,
+                series_uid,
+                NEW_MODEL,
             )
         )
     return findings
@@ -160,7 +166,10 @@ def test_prior_comparison_and_states_reach_the_reader(study: Study, seg: Dataset
 
 def test_without_prior_the_report_says_so(study: Study, seg: Dataset) -> None:
     sr = _report(
-        study, seg, prior=None, findings=_findings(study, seg, with_new=False),
+        study,
+        seg,
+        prior=None,
+        findings=_findings(study, seg, with_new=False),
         notes=[AnalysisNote(AnalysisState.NO_PRIOR_AVAILABLE, "first MRI of this patient")],
     )
     assert _comparison_done(sr) == "No"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+
 from lesionwatch.config.schema import SeriesClass
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.dicom_io.series_identity import StudyIdentity
@@ -19,9 +20,14 @@ from lesionwatch.dicom_io.study_builder import (
 )
 
 IDENTITY = StudyIdentity.from_seed(
-    "open-ms-patient01-study2", patient_id="LW-DEMO-01", patient_name="Demo^Patient01",
-    birth_date=dt.date(1975, 3, 14), sex="F", study_date=dt.date(2024, 6, 1),
-    accession_number="DEMO0102", study_description="MRI brain MS follow-up",
+    "open-ms-patient01-study2",
+    patient_id="LW-DEMO-01",
+    patient_name="Demo^Patient01",
+    birth_date=dt.date(1975, 3, 14),
+    sex="F",
+    study_date=dt.date(2024, 6, 1),
+    accession_number="DEMO0102",
+    study_description="MRI brain MS follow-up",
 )
 
 
@@ -46,12 +52,16 @@ def test_open_ms_study_becomes_one_dicom_study(test_data: Path, tmp_path: Path) 
 def test_duplicate_series_numbers_and_missing_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="series numbers must differ"):
         build_study_from_nifti(
-            [SeriesSpec(tmp_path / "a.nii.gz", SeriesClass.FLAIR, 3),
-             SeriesSpec(tmp_path / "b.nii.gz", SeriesClass.T2, 3)],
-            IDENTITY, tmp_path,
+            [
+                SeriesSpec(tmp_path / "a.nii.gz", SeriesClass.FLAIR, 3),
+                SeriesSpec(tmp_path / "b.nii.gz", SeriesClass.T2, 3),
+            ],
+            IDENTITY,
+            tmp_path,
         )
     with pytest.raises(FileNotFoundError, match="a.nii.gz"):
-        build_study_from_nifti([SeriesSpec(tmp_path / "a.nii.gz", SeriesClass.FLAIR)], IDENTITY,
-                               tmp_path)
+        build_study_from_nifti(
+            [SeriesSpec(tmp_path / "a.nii.gz", SeriesClass.FLAIR)], IDENTITY, tmp_path
+        )
     with pytest.raises(FileNotFoundError, match="study7"):
         open_ms_longitudinal_specs(tmp_path, 7)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.models.metrics import (
     AnimaDetectionParams,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.models.synthetic_lesions import (
     EnhancementPattern,
@@ -17,7 +19,6 @@ from lesionwatch.models.synthetic_lesions import (
     estimate_tissues,
     make_new_lesion_pair,
 )
-from scipy import ndimage
 
 MODEL = LesionModel(max_volume_mm3=500.0)  # the 64 mm cube has room for a few mL at most
 CUBE = np.ones((3, 3, 3), dtype=bool)

@@ -37,7 +37,13 @@ def flair_series(tmp_path: Path) -> Path:
         study_time=dt.time(10, 0),
     )
     out = tmp_path / "flair"
-    write_series(ImageVolume.from_sitk(crop), out, contrast=SeriesClass.FLAIR, identity=identity, series_number=3)
+    write_series(
+        ImageVolume.from_sitk(crop),
+        out,
+        contrast=SeriesClass.FLAIR,
+        identity=identity,
+        series_number=3,
+    )
     return out
 
 

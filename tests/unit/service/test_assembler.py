@@ -50,7 +50,9 @@ def add_study(
             add_series(session, study, number, series_class, at)
 
 
-def add_series(session: Session, study: Study, number: int, series_class: SeriesClass, at: datetime) -> None:
+def add_series(
+    session: Session, study: Study, number: int, series_class: SeriesClass, at: datetime
+) -> None:
     session.add(
         Series(
             study_id=study.id,
@@ -75,7 +77,9 @@ def study_state(sessions: sessionmaker[Session], uid: str) -> tuple[StudyState, 
         return study.state, study.state_reason, study.generation
 
 
-def test_waits_for_quiet_period_then_creates_jobs_in_one_step(sessions: sessionmaker[Session]) -> None:
+def test_waits_for_quiet_period_then_creates_jobs_in_one_step(
+    sessions: sessionmaker[Session],
+) -> None:
     add_study(sessions, "1.2.1", [SeriesClass.FLAIR, SeriesClass.T1_PRE, SeriesClass.T1_POST], T0)
     asm = assembler(sessions)
     assert asm.run_once(T0 + timedelta(seconds=59)) == []
@@ -92,7 +96,9 @@ def test_waits_for_quiet_period_then_creates_jobs_in_one_step(sessions: sessionm
 
 
 def test_new_lesions_job_when_a_prior_with_flair_exists(sessions: sessionmaker[Session]) -> None:
-    add_study(sessions, "1.2.0", [SeriesClass.FLAIR], T0 - timedelta(days=400), study_date="20251001")
+    add_study(
+        sessions, "1.2.0", [SeriesClass.FLAIR], T0 - timedelta(days=400), study_date="20251001"
+    )
     add_study(sessions, "1.2.1", [SeriesClass.FLAIR], T0)
     asm = assembler(sessions)
     asm.run_once(T0 - timedelta(days=399))
@@ -101,7 +107,9 @@ def test_new_lesions_job_when_a_prior_with_flair_exists(sessions: sessionmaker[S
     assert "enhancing: waiting for series T1_PRE, T1_POST" in decisions[0].reason
 
 
-def test_nothing_runnable_waits_until_deadline_then_incomplete(sessions: sessionmaker[Session]) -> None:
+def test_nothing_runnable_waits_until_deadline_then_incomplete(
+    sessions: sessionmaker[Session],
+) -> None:
     add_study(sessions, "1.2.2", [SeriesClass.T2, SeriesClass.OTHER], T0)
     asm = assembler(sessions)
     assert asm.run_once(T0 + timedelta(seconds=120)) == []
@@ -123,7 +131,9 @@ def test_forced_deadline_for_a_study_that_never_goes_quiet(sessions: sessionmake
     assert "forced at deadline" in decisions[0].reason
 
 
-def test_incomplete_study_resumes_when_the_missing_series_arrives(sessions: sessionmaker[Session]) -> None:
+def test_incomplete_study_resumes_when_the_missing_series_arrives(
+    sessions: sessionmaker[Session],
+) -> None:
     add_study(sessions, "1.2.4", [SeriesClass.T2], T0)
     asm = assembler(sessions)
     asm.run_once(T0 + timedelta(seconds=901))

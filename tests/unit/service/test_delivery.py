@@ -18,6 +18,17 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import free_port
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    Verification,
+)
+from sqlalchemy.orm import Session, sessionmaker
+
 from lesionwatch.config.schema import DeliveryConfig, DestinationConfig
 from lesionwatch.dicom_io.scu import (
     AssociationFailureKind,
@@ -38,16 +49,6 @@ from lesionwatch.service.delivery import (
 )
 from lesionwatch.service.dispatcher import Dispatcher
 from lesionwatch.service.send_test import StepStatus, check_destination, format_report
-from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.sop_class import (
-    Comprehensive3DSRStorage,
-    SecondaryCaptureImageStorage,
-    SegmentationStorage,
-    Verification,
-)
-from sqlalchemy.orm import Session, sessionmaker
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 POLICY = DeliveryConfig(max_attempts=3, initial_backoff_s=30, max_backoff_s=300, backoff_factor=2)
@@ -142,7 +143,10 @@ class FakeNode:
 
     def destination(self, **overrides: object) -> DestinationConfig:
         values: dict[str, object] = {
-            "name": "node", "ae_title": "NODE", "host": "127.0.0.1", "port": self.port,
+            "name": "node",
+            "ae_title": "NODE",
+            "host": "127.0.0.1",
+            "port": self.port,
             "timeout_s": 5.0,
         }
         return DestinationConfig.model_validate(values | overrides)
@@ -158,7 +162,9 @@ def node_factory() -> Iterator[NodeFactory]:
     def start(
         *,
         supported: tuple[str, ...] = (
-            SegmentationStorage, Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
+            SegmentationStorage,
+            Comprehensive3DSRStorage,
+            SecondaryCaptureImageStorage,
             Verification,
         ),
         statuses: dict[str, int] | None = None,
@@ -396,7 +402,8 @@ def test_interrupted_attempt_is_recorded_and_resent(
     assert dispatcher.run_once(T0 + timedelta(seconds=600)).sent == 1
     seg = _by_path(sessions)["seg"]
     assert [a.outcome for a in seg.attempt_log] == [
-        AttemptOutcome.INTERRUPTED, AttemptOutcome.SUCCESS,
+        AttemptOutcome.INTERRUPTED,
+        AttemptOutcome.SUCCESS,
     ]
 
 
@@ -436,7 +443,9 @@ def test_send_test_passes_against_an_accepting_node(node_factory: NodeFactory) -
     report = check_destination(node.destination())
     assert report.ok, format_report(report)
     assert [step.status for step in report.steps] == [
-        StepStatus.OK, StepStatus.WARNING, StepStatus.OK,  # Comprehensive SR not offered: warning
+        StepStatus.OK,
+        StepStatus.WARNING,
+        StepStatus.OK,  # Comprehensive SR not offered: warning
     ]
     assert node.received[0][0] == report.test_sop_instance_uid
 
@@ -496,9 +505,7 @@ def test_requeue_during_a_send_wins_over_the_late_outcome(
 ) -> None:
     _enqueue(sessions, [results["sr"]], ["node"])
     with sessions() as session:
-        (claim,) = claim_due(
-            session, T0, destination="node", limit=10, lease_s=600, max_attempts=3
-        )
+        (claim,) = claim_due(session, T0, destination="node", limit=10, lease_s=600, max_attempts=3)
         session.commit()
     _enqueue(sessions, [results["sr"]], ["node"])  # a regenerated result arrives meanwhile
     with sessions() as session:
