@@ -188,7 +188,7 @@ def _report(service: ListenerService, data_dir: Path) -> None:
         print(
             "  "
             + format_table(
-                ["#", "description", "vendor", "images", "class", "reason"], rows, 90
+                ["#", "description", "vendor", "images", "class", "reason"], rows, 160
             ).replace("\n", "\n  ")
         )
     print("\njobs created by study assembly (run by the workers in a later part):")

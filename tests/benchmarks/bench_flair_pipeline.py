@@ -11,6 +11,7 @@ not depend on the weights). Usage:
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def main() -> None:
     weights = args.weights
     if weights is None:
         torch.manual_seed(0)
-        weights = Path("/tmp") / f"lesionwatch-bench-flair-w{args.base_width}.pt"
+        weights = Path(tempfile.gettempdir()) / f"lesionwatch-bench-flair-w{args.base_width}.pt"
         save_model(
             UNet3D(1, 2, depth=4, base_width=args.base_width), weights, task="flair", channels=("flair",),
             version="bench-random", training_data="none: random weights for timing only",
