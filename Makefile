@@ -25,6 +25,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check service dicom_io pipelines models config tests
 	$(BIN)/ruff format --check service dicom_io pipelines models config tests
+	$(BIN)/mypy service dicom_io pipelines models config
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_ingest.py

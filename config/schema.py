@@ -88,7 +88,7 @@ class ListenerConfig(_Section):
     require_called_ae_title: bool = True
     allowed_callers: tuple[AllowedCaller, ...] = Field(
         (AllowedCaller(ae_title="*", host="127.0.0.1"), AllowedCaller(ae_title="*", host="::1")),
-        description="Associations from anyone else are rejected; the default admits only this machine",
+        description="Anyone else is rejected; the default admits only this machine",
     )
     max_associations: int = Field(10, ge=1, le=200)
     acse_timeout_s: float = Field(30.0, gt=0)

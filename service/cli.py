@@ -248,7 +248,8 @@ def _cmd_segment_flair(args: argparse.Namespace) -> int:
     ) as exc:
         raise CommandError(str(exc)) from exc
     print(
-        f"wrote {outputs.mask_path}: {outputs.lesion_count} lesions, {outputs.total_volume_ml:.2f} mL"
+        f"wrote {outputs.mask_path}: {outputs.lesion_count} lesions, "
+        f"{outputs.total_volume_ml:.2f} mL"
     )
     if args.table:
         print(f"wrote {args.table}")

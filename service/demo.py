@@ -134,7 +134,8 @@ def _run(root: Path) -> int:
     try:
         listener = config.listener
         print(
-            f"service listening as {listener.ae_title} on {listener.host}:{listener.port} (embedded SQLite)"
+            f"service listening as {listener.ae_title} on {listener.host}:{listener.port} "
+            "(embedded SQLite)"
         )
         destination = DestinationConfig(
             name="lesionwatch",
@@ -178,7 +179,8 @@ def _report(service: ListenerService, data_dir: Path) -> None:
     print(f"\narchived: {len(files)} files, {size_mb:.1f} MB under {archive}")
     for study in studies:
         print(
-            f"\nstudy {study.study_instance_uid}  patient {study.patient_id}  date {study.study_date}"
+            f"\nstudy {study.study_instance_uid}  patient {study.patient_id}  "
+            f"date {study.study_date}"
         )
         print(f"  state: {study.state}" + (f" ({study.reason})" if study.reason else ""))
         rows = [

@@ -1,4 +1,4 @@
-"""`lesionwatch train | finetune | evaluate`: command-line wiring of models.train/finetune/evaluate."""
+"""`lesionwatch train | finetune | evaluate`: command-line wiring of models.train etc."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     result = train(settings, _case_set(args, args.task), args.out, resume=args.resume)
     print(
-        f"wrote {result.weights_path} after {result.steps_done} steps ({result.seconds / 60:.1f} min)"
+        f"wrote {result.weights_path} after {result.steps_done} steps "
+        f"({result.seconds / 60:.1f} min)"
     )
     return 0
 
@@ -83,7 +84,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         args.from_weights, _case_set(args, task), args.out, settings, resume=args.resume
     )
     print(
-        f"wrote {result.weights_path} after {result.steps_done} steps ({result.seconds / 60:.1f} min)"
+        f"wrote {result.weights_path} after {result.steps_done} steps "
+        f"({result.seconds / 60:.1f} min)"
     )
     return 0
 

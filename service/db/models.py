@@ -61,7 +61,7 @@ class Base(DeclarativeBase):
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
-    # Store the enum's value as plain text (no database ENUM type), so adding a state is no migration.
+    # The enum's value as plain text (no database ENUM type): a new state needs no migration.
     return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
 
 

@@ -43,7 +43,8 @@ def main() -> None:
         torch.manual_seed(0)
         weights = Path(tempfile.gettempdir()) / f"lesionwatch-bench-flair-w{args.base_width}.pt"
         save_model(
-            UNet3D(1, 2, depth=4, base_width=args.base_width), weights, task="flair", channels=("flair",),
+            UNet3D(1, 2, depth=4, base_width=args.base_width), weights,
+            task="flair", channels=("flair",),
             version="bench-random", training_data="none: random weights for timing only",
         )  # fmt: skip
     model, card = load_model(weights, "flair", ("flair",))
@@ -58,7 +59,8 @@ def main() -> None:
         print(f"{name:<32}{seconds:>10.2f}{seconds / total:>8.0%}")
     print(f"{'total':<32}{total:>10.2f}")
     print(
-        f"device {inference.device}, torch threads {torch.get_num_threads()}, {len(result.lesions)} lesions"
+        f"device {inference.device}, torch threads {torch.get_num_threads()}, "
+        f"{len(result.lesions)} lesions"
     )
 
 

@@ -102,7 +102,8 @@ def test_segment_flair_dicom_in_mask_table_and_dicom_out(
     assert main(
         [
             "segment", "flair", "--flair", str(flair_series), "--weights", str(weights),
-            "--out", str(again / "mask.nii.gz"), "--dicom-out", str(again / "dicom"), "--config", str(config),
+            "--out", str(again / "mask.nii.gz"), "--dicom-out", str(again / "dicom"),
+            "--config", str(config),
         ]
     ) == 0  # fmt: skip
     assert sorted(p.name for p in (again / "dicom").glob("*.dcm")) == sorted(
