@@ -7,9 +7,10 @@ same study twice gives the same UIDs: a resend replaces instead of duplicating.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 
-from pydicom.uid import generate_uid
+from lesionwatch.dicom_io import output_uids
 
 __all__ = ["StudyIdentity", "derive_uid"]
 
@@ -18,7 +19,8 @@ def derive_uid(*parts: str) -> str:
     """A valid DICOM UID that depends only on `parts` (same parts, same UID)."""
     if not parts:
         raise ValueError("derive_uid needs at least one seed string")
-    return str(generate_uid(entropy_srcs=["lesionwatch", *parts]))
+    # One UID derivation for the project: input series use the same scheme as job outputs.
+    return output_uids.derive_uid("lesionwatch", json.dumps(parts))
 
 
 @dataclass(frozen=True)
