@@ -266,6 +266,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, keep=args.keep)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lesionwatch")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -274,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lesionwatch",
         description="DICOM worker for MS brain MRI: FLAIR, new and enhancing lesion segmentation.",
     )
+    parser.add_argument("--version", action="version", version=f"lesionwatch {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
