@@ -120,7 +120,10 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-root", type=Path, help="labelled data (default: ../shared/data beside the checkout)"
     )
-    parser.add_argument("--datasets", help="comma-separated subset, e.g. open_ms_data,mslesseg")
+    parser.add_argument(
+        "--datasets",
+        help="comma-separated subset of open_ms_cross_sectional, open_ms_longitudinal, mslesseg",
+    )
     parser.add_argument("--real", action="store_true", help="include the real labelled cases")
     parser.add_argument(
         "--synthetic", type=int, default=0, metavar="N", help="N synthetic cases from real brains"
