@@ -12,14 +12,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, require_executable
+from conftest import TEST_DATA, free_port, require_executable
 from orthanc_server import OrthancServer, running_orthanc
-from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesionwatch.config.schema import DeliveryConfig, DestinationConfig
@@ -35,80 +32,70 @@ T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 POLICY = DeliveryConfig(max_attempts=5, initial_backoff_s=30, max_backoff_s=600)
 
 
-def _result_objects(source_file: Path, out_dir: Path) -> dict[str, Path]:
-    """A lesion SEG, a Comprehensive 3D SR and an overlay SC, derived from one real MR slice."""
-    source = pydicom.dcmread(source_file)
-    mask = np.zeros((1, source.Rows, source.Columns), dtype=bool)
-    mask[0, 90:110, 120:150] = True
-    common = {"manufacturer": "LesionWatch tests", "instance_number": 1}
-    seg = hd.seg.Segmentation(
-        source_images=[source],
-        pixel_array=mask,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[
-            hd.seg.SegmentDescription(
-                segment_number=1,
-                segment_label="FLAIR lesions",
-                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-                segmented_property_type=codes.SCT.Lesion,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+def _result_objects(out_dir: Path) -> dict[str, Path]:
+    """LesionWatch's own SEG, TID 1500 SR and first overlay SC (dicom_io.results) for a real
+    FLAIR crop (open_ms_data patient07, written as a DICOM series) and its consensus mask."""
+    import datetime as dt
+
+    import SimpleITK as sitk
+
+    from lesionwatch.config.schema import SeriesClass
+    from lesionwatch.dicom_io.codes import FindingType
+    from lesionwatch.dicom_io.image_volume import ImageVolume
+    from lesionwatch.dicom_io.results import FindingInput, JobIdentity, build_result_objects
+    from lesionwatch.dicom_io.seg import AlgorithmIdentity
+    from lesionwatch.dicom_io.series_identity import StudyIdentity, derive_uid
+    from lesionwatch.dicom_io.series_reader import read_series
+    from lesionwatch.dicom_io.series_writer import write_series
+    from lesionwatch.dicom_io.sr import AnalysisNote, AnalysisState
+    from lesionwatch.pipelines.postprocess import lesion_table
+
+    patient = TEST_DATA / "open_ms_data" / "cross_sectional" / "patient07"
+    box = (slice(50, 130), slice(60, 150), slice(60, 80))
+    flair = ImageVolume.from_sitk(sitk.ReadImage(str(patient / "FLAIR.nii.gz"))[box])
+    mask = ImageVolume.from_sitk(sitk.ReadImage(str(patient / "lesion_mask.nii.gz"))[box])
+    identity = StudyIdentity(
+        patient_id="OMS-CROSS-07",
+        patient_name="OpenMS^Patient07",
+        birth_date=None,
+        sex="",
+        study_instance_uid=derive_uid("delivery-test", "p07"),
+        study_date=dt.date(2025, 6, 3),
+        study_time=dt.time(10, 0),
+    )
+    files = write_series(
+        flair, out_dir / "flair", contrast=SeriesClass.FLAIR, identity=identity, series_number=2
+    )
+    source = [pydicom.dcmread(f) for f in files]
+    source_grid = read_series(files)
+    assert source_grid.same_grid(flair)  # the writer round-trips the crop's grid exactly
+    on_source = source_grid.with_array((mask.array > 0).astype(np.uint8))
+    algorithm = AlgorithmIdentity("LesionWatch FLAIR lesion U-Net", "test", "a1" * 32)
+    objects = build_result_objects(
+        [
+            FindingInput(
+                FindingType.MS_LESION, source, on_source, lesion_table(on_source), algorithm
             )
         ],
-        series_instance_uid=generate_uid(),
-        series_number=901,
-        sop_instance_uid=generate_uid(),
-        manufacturer_model_name="delivery test",
-        software_versions="0",
-        device_serial_number="0",
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        **common,
+        job=JobIdentity("delivery-test/p07/flair"),
+        notes=[AnalysisNote(AnalysisState.NO_PRIOR_AVAILABLE, "delivery test: no prior")],
     )
-    content = hd.sr.ContainerContentItem(
-        name=codes.DCM.ImagingMeasurementReport, template_id="1500"
-    )
-    content.ContentSequence = [
-        hd.sr.TextContentItem(
-            name=codes.DCM.Finding,
-            value="3 FLAIR lesions, 1.2 mL",
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-    ]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[source],
-        content=content,
-        series_instance_uid=generate_uid(),
-        series_number=902,
-        sop_instance_uid=generate_uid(),
-        **common,
-    )
-    overlay = np.repeat(source.pixel_array[..., None] // 16, 3, axis=2).astype(np.uint8)
-    overlay[90:110, 120:150, 0] = 255  # burned-in lesion outline, red
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
-        pixel_array=overlay,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        patient_orientation=("L", "P"),
-        series_instance_uid=generate_uid(),
-        sop_instance_uid=generate_uid(),
-        series_number=903,
-        series_description="LesionWatch overlay",
-        **common,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    assert objects.report is not None and objects.secondary_captures
+    chosen = {
+        "seg": objects.segmentations[0],
+        "sr": objects.report,
+        "sc": objects.secondary_captures[0],
+    }
     paths = {}
-    for name, obj in (("seg", seg), ("sr", sr), ("sc", sc)):
+    for name, ds in chosen.items():
         paths[name] = out_dir / f"{name}.dcm"
-        obj.save_as(paths[name], enforce_file_format=True)
+        ds.save_as(paths[name], enforce_file_format=True)
     return paths
 
 
 @pytest.fixture(scope="module")
-def results(ge_t1_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    source = sorted(ge_t1_dir.iterdir())[0]
-    with pytest.warns(UserWarning, match="person name"):  # the GE series' PatientName is "dicom"
-        return _result_objects(source, tmp_path_factory.mktemp("results"))
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _result_objects(tmp_path_factory.mktemp("results"))
 
 
 @pytest.fixture
@@ -177,7 +164,9 @@ def test_seg_sr_and_overlay_reach_orthanc_and_read_back(
             assert back.get("PixelData") == sent_pixels, name
         assert stored[_uids(results)["seg"][0]]["Modality"] == "SEG"
         assert stored[_uids(results)["sr"][0]]["Modality"] == "SR"
-        assert stored[_uids(results)["sc"][0]]["SeriesDescription"] == "LesionWatch overlay"
+        assert stored[_uids(results)["sc"][0]]["SeriesDescription"].startswith(
+            "LesionWatch overlay"
+        )
 
         # A re-send of the same (deterministic) UIDs replaces; nothing is duplicated.
         with sessions() as session:
