@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench weights clean
 
 # torch is pinned (==2.13.0) in pyproject.toml so no install resolves another build; GPU
 # machines install their CUDA build of the same version first (see deploy/Dockerfile).
@@ -27,9 +27,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check service dicom_io pipelines models config tests
 	$(BIN)/mypy service dicom_io pipelines models config
 
+weights: $(STAMP)
+	$(BIN)/lesionwatch reproduce-weights --out build/reproduce-weights --install
+
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_ingest.py
 	$(BIN)/python tests/benchmarks/bench_sliding_window.py
+	$(BIN)/python tests/benchmarks/bench_training_step.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

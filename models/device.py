@@ -1,11 +1,14 @@
 """Where inference runs: CUDA automatically when a GPU is present, CPU otherwise.
 
-Mixed precision is a CUDA-only feature here: CPU autocast (bfloat16) is slower than float32 on
-most CPUs without AMX and changes results, so it is never turned on silently.
+Mixed precision at inference is a CUDA-only feature here (float16 autocast). Training may use
+bfloat16 autocast on CPUs with native bfloat16 instructions (AVX512-BF16 or AMX), where it
+measured 1.6-1.9x faster per step (tests/benchmarks/bench_training_step.py); on other CPUs
+bfloat16 is emulated and slower, so `cpu_supports_bfloat16` decides.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -13,6 +16,7 @@ import torch
 __all__ = [
     "DeviceUnavailableError",
     "configure_cpu_threads",
+    "cpu_supports_bfloat16",
     "select_device",
     "use_mixed_precision",
 ]
@@ -48,6 +52,15 @@ def select_device(setting: DeviceSetting | str = "auto") -> torch.device:
 def use_mixed_precision(device: torch.device, requested: bool) -> bool:
     """Whether to run the network under float16 autocast: only when asked for and on CUDA."""
     return bool(requested) and device.type == "cuda"
+
+
+def cpu_supports_bfloat16() -> bool:
+    """Whether this CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:  # not Linux: ask torch's dispatcher instead
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def configure_cpu_threads(cpu_threads: int) -> int:

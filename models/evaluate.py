@@ -84,6 +84,9 @@ class EvaluateSettings(BaseModel):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: int = Field(0, ge=0)
+    patch_size_mm: int | None = Field(
+        None, ge=16, description="sliding window edge; None: the card's training patch size"
+    )
     step_mm: int = Field(32, ge=4, description="sliding-window stride")
     batch_size: int = Field(2, ge=1)
     gaussian_weighting: bool = False
@@ -158,7 +161,7 @@ def predict_probability(
     config = InferenceConfig(
         device=settings.device,
         cpu_threads=settings.cpu_threads,
-        patch_size_mm=card.patch_size_mm,
+        patch_size_mm=settings.patch_size_mm or card.patch_size_mm,
         step_mm=settings.step_mm,
         gaussian_weighting=settings.gaussian_weighting,
         batch_size=settings.batch_size,
@@ -209,23 +212,38 @@ def evaluate(
 
 
 def record_metrics_in_card(
-    weights: Path, report: EvaluationReport, *, prefix: str = ""
+    weights: Path,
+    report: EvaluationReport | LoocvReport,
+    *,
+    prefix: str = "",
+    arm: str | None = None,
+    evaluation: str | None = None,
 ) -> ModelCard:
     """Store the report's means (``<prefix><metric>_mean``, ``_se``, ``_n``) in the card of
     ``weights``. Only for data the model was not trained on: the card's metrics field is
-    "measured on held-out data"."""
+    "measured on held-out data". For a `LoocvReport`, ``arm`` names the column whose
+    held-out scores are stored; ``evaluation`` (markdown) replaces the card's results text."""
     weights = Path(weights)
+    if isinstance(report, LoocvReport):
+        if arm is None or arm not in report.arms:
+            raise ValueError(f"name one of the arms {sorted(report.arms)} to record")
+        summary = summarize_cases(report.arms[arm])
+    else:
+        summary = report.summary
     card = read_card(weights)
     if file_sha256(weights) != card.sha256:
         raise WeightsIntegrityError(f"{weights} does not match its card; not updating it")
     metrics = dict(card.metrics)
-    for name, value in report.summary.items():
+    for name, value in summary.items():
         if value.n:
             metrics[f"{prefix}{name}_mean"] = value.mean
             metrics[f"{prefix}{name}_n"] = float(value.n)
             if math.isfinite(value.se):
                 metrics[f"{prefix}{name}_se"] = value.se
-    updated = card.model_copy(update={"metrics": metrics})
+    update: dict[str, Any] = {"metrics": metrics}
+    if evaluation is not None:
+        update["evaluation"] = evaluation
+    updated = card.model_copy(update=update)
     path = card_path_for(weights)
     tmp = path.with_name(path.name + ".writing")
     tmp.write_text(updated.model_dump_json(indent=2) + "\n", encoding="utf-8")

@@ -37,7 +37,12 @@ from tqdm.auto import tqdm
 
 from lesionwatch.models.augmentation import AugmentationSettings, extract_patch, random_transform
 from lesionwatch.models.datasets import TASK_CHANNELS, CaseSet, TaskName, TrainingCase
-from lesionwatch.models.device import configure_cpu_threads, select_device, use_mixed_precision
+from lesionwatch.models.device import (
+    configure_cpu_threads,
+    cpu_supports_bfloat16,
+    select_device,
+    use_mixed_precision,
+)
 from lesionwatch.models.patch_sampling import PatchSampler
 from lesionwatch.models.unet3d import UNet3D
 from lesionwatch.models.weights import ModelCard, save_model
@@ -90,6 +95,9 @@ class OptimisationSettings(BaseModel):
     deterministic: bool = Field(True, description="deterministic kernels (slower on GPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="float16 autocast; used only on CUDA")
+    cpu_bfloat16: bool = Field(
+        True, description="bfloat16 autocast on CPUs with native bfloat16 (1.6-1.9x faster)"
+    )
     cpu_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
@@ -229,6 +237,7 @@ def run_training(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(settings.device)
     amp = use_mixed_precision(device, settings.amp)
+    cpu_bf16 = device.type == "cpu" and settings.cpu_bfloat16 and cpu_supports_bfloat16()
     configure_cpu_threads(settings.cpu_threads)
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     if settings.deterministic:
@@ -241,7 +250,8 @@ def run_training(
     spacing = (settings.spacing_mm,) * 3
     patch_vox = patch_size_voxels(settings.patch_size_mm, spacing, model.size_multiple)
     sampler = PatchSampler(patch_vox, lesion_fraction=settings.lesion_fraction)
-    model.to(device)
+    # channels-last 3D: oneDNN's fast layout on CPU (1.5x per step measured), harmless on CUDA
+    model.to(device=device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
@@ -358,9 +368,13 @@ def run_training(
                     x, y = extract_patch(image, label, patch.start_kji, patch_vox, transform)
                     images.append(x)
                     labels.append(y)
-                inputs = torch.stack(images)
+                inputs = torch.stack(images).contiguous(memory_format=torch.channels_last_3d)
                 targets = torch.stack(labels)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                with torch.autocast(
+                    device.type,
+                    dtype=torch.bfloat16 if cpu_bf16 else torch.float16,
+                    enabled=amp or cpu_bf16,
+                ):
                     logits = model(inputs)
                 loss = compute_loss(logits, targets, settings.loss)
                 optimizer.zero_grad(set_to_none=True)

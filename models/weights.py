@@ -92,6 +92,9 @@ class ModelCard(_Frozen):
     training_data: str = Field(min_length=1, description="datasets, cases, licences")
     recipe: str = Field("", description="loss, optimiser, epochs, augmentation")
     metrics: dict[str, float] = Field(default_factory=dict, description="measured on held-out data")
+    evaluation: str = Field(
+        "", description="how the metrics were measured, with the per-case results (markdown)"
+    )
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     created: datetime
 

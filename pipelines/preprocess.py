@@ -46,6 +46,9 @@ class PreprocessResult:
     source_grid: Grid  # the grid of the input FLAIR
     steps: tuple[StepRecord, ...]
     channels: dict[str, ImageVolume] = field(default_factory=dict)  # "flair", "t1", ...
+    # N4-corrected FLAIR on the working grid before masking and z-scoring: what a second
+    # image is registered to, and what `models.datasets.build_channels` normalises itself
+    bias_corrected: ImageVolume | None = None
 
     @property
     def grid(self) -> Grid:
@@ -143,4 +146,5 @@ def preprocess(
         source_grid=source,
         steps=tuple(recorder.steps),
         channels=channels,
+        bias_corrected=flair_iso,
     )

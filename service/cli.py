@@ -9,12 +9,15 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lesionwatch.config import ConfigError, LesionWatchConfig, load_config
 
 from .logging_setup import configure_logging
 from .text_table import format_table
+
+if TYPE_CHECKING:
+    from .segment_command import SegmentOutputs
 
 __all__ = ["main"]
 
@@ -220,31 +223,29 @@ def _cmd_dispatcher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_segment_flair(args: argparse.Namespace) -> int:
+def _run_segment(
+    args: argparse.Namespace, run: Callable[[LesionWatchConfig], SegmentOutputs]
+) -> int:
+    """Load the config, run one `segment` command, turn known failures into CommandError,
+    and print what was written, the lesion count and volume, and the time per step."""
     from lesionwatch.dicom_io.series_errors import DicomSeriesError
     from lesionwatch.models.weights import ModelCardMismatchError, WeightsIntegrityError
     from lesionwatch.pipelines.steps.brain_mask import BrainMaskError
+    from lesionwatch.pipelines.steps.registration import RegistrationError
 
-    from .segment_command import SegmentInputError, segment_flair
+    from .segment_command import SegmentInputError
 
     config = _load(args)
     configure_logging(config.log_level)
     try:
-        outputs = segment_flair(
-            config,
-            args.flair,
-            args.out,
-            t1_source=args.t1,
-            table_csv=args.table,
-            weights=args.weights,
-            dicom_out=args.dicom_out,
-        )
+        outputs = run(config)
     except (
         SegmentInputError,
         DicomSeriesError,
         ModelCardMismatchError,
         WeightsIntegrityError,
         BrainMaskError,
+        RegistrationError,
     ) as exc:
         raise CommandError(str(exc)) from exc
     print(
@@ -257,6 +258,45 @@ def _cmd_segment_flair(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print("time per step: " + ", ".join(f"{k} {v:.1f} s" for k, v in outputs.timings_s.items()))
     return 0
+
+
+def _cmd_segment_flair(args: argparse.Namespace) -> int:
+    from .segment_command import segment_flair
+
+    return _run_segment(
+        args,
+        lambda config: segment_flair(
+            config,
+            args.flair,
+            args.out,
+            t1_source=args.t1,
+            table_csv=args.table,
+            weights=args.weights,
+            dicom_out=args.dicom_out,
+        ),
+    )
+
+
+def _cmd_segment_new_lesions(args: argparse.Namespace) -> int:
+    from .segment_command import segment_new_lesions
+
+    return _run_segment(
+        args,
+        lambda config: segment_new_lesions(
+            config, args.prior, args.current, args.out, table_csv=args.table, weights=args.weights
+        ),
+    )
+
+
+def _cmd_segment_enhancing(args: argparse.Namespace) -> int:
+    from .segment_command import segment_enhancing
+
+    return _run_segment(
+        args,
+        lambda config: segment_enhancing(
+            config, args.t1, args.t1_post, args.out, table_csv=args.table, weights=args.weights
+        ),
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -276,6 +316,16 @@ def _version() -> str:
 
 
 # --- parser ---------------------------------------------------------------------------------
+
+
+def _add_segment_common(parser: argparse.ArgumentParser, pipeline: str) -> None:
+    parser.add_argument("--table", type=Path, help="lesion table as CSV")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help=f"weight file (default: pipelines.{pipeline}.weights, else shipped)",
+    )
+    _add_config_option(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,6 +416,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_option(flair)
     flair.set_defaults(handler=_cmd_segment_flair)
+
+    new_lesions = segment_sub.add_parser(
+        "new-lesions", help="Lesions new on the current FLAIR since the prior FLAIR."
+    )
+    new_lesions.add_argument(
+        "--prior", type=Path, required=True, help="prior FLAIR (NIfTI file or DICOM series folder)"
+    )
+    new_lesions.add_argument(
+        "--current", type=Path, required=True, help="current FLAIR (NIfTI or DICOM series folder)"
+    )
+    new_lesions.add_argument(
+        "--out", type=Path, required=True, help="new-lesion mask on the current FLAIR's grid"
+    )
+    _add_segment_common(new_lesions, "new_lesions")
+    new_lesions.set_defaults(handler=_cmd_segment_new_lesions)
+
+    enhancing = segment_sub.add_parser(
+        "enhancing", help="Gadolinium-enhancing lesions (T1 before and after contrast)."
+    )
+    enhancing.add_argument(
+        "--t1", type=Path, required=True, help="T1 pre-contrast (NIfTI or DICOM series folder)"
+    )
+    enhancing.add_argument(
+        "--t1-post", type=Path, required=True, help="T1 post-contrast, same study (NIfTI or DICOM)"
+    )
+    enhancing.add_argument(
+        "--out", type=Path, required=True, help="enhancing-lesion mask on the T1-post grid"
+    )
+    _add_segment_common(enhancing, "enhancing")
+    enhancing.set_defaults(handler=_cmd_segment_enhancing)
 
     from .training_commands import add_training_commands
 

@@ -1,8 +1,9 @@
-"""`lesionwatch segment flair`: the FLAIR pipeline run offline on one case.
+"""`lesionwatch segment flair|new-lesions|enhancing`: one pipeline run offline on one case.
 
-Input is a NIfTI file or a folder holding one DICOM series; output is the lesion mask on the
-input's own grid, optionally the lesion table (CSV) and, for DICOM input, the SEG, SR and
-fallback objects the service would send (``--dicom-out``).
+Inputs are NIfTI files or folders holding one DICOM series each; output is the lesion mask on
+the grid of the input the pipeline reports on (the FLAIR, the current FLAIR, the T1 post
+contrast), optionally the lesion table (CSV) and, for `segment flair` with DICOM input, the
+SEG, SR and fallback objects the service would send (``--dicom-out``).
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from lesionwatch.config.schema import LesionWatchConfig
 from lesionwatch.dicom_io.image_volume import ImageVolume
 
 if TYPE_CHECKING:
+    from lesionwatch.models.unet3d import UNet3D
     from lesionwatch.models.weights import ModelCard
     from lesionwatch.pipelines.flair import FlairResult
+    from lesionwatch.pipelines.lesion_inference import LesionSegmentation
 
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
     "SegmentInputError",
     "SegmentOutputs",
     "load_case_image",
+    "segment_enhancing",
     "segment_flair",
+    "segment_new_lesions",
 ]
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models" / "weights"
@@ -74,6 +79,89 @@ def weights_for(config: LesionWatchConfig, pipeline: str, override: Path | None)
             "in the config or pass --weights (train them with `lesionwatch train`)"
         )
     return path
+
+
+def _load_weights(
+    config: LesionWatchConfig, pipeline: str, override: Path | None
+) -> tuple[UNet3D, ModelCard]:
+    """The pipeline's network, its card checked against the task (channels checked later)."""
+    from lesionwatch.models.device import select_device
+    from lesionwatch.models.weights import load_model, read_card
+
+    weights_path = weights_for(config, pipeline, override)
+    card = read_card(weights_path)
+    return load_model(
+        weights_path,
+        pipeline,
+        card.architecture.channels,
+        map_location=select_device(config.inference.device),
+    )
+
+
+def _write_outputs(
+    result: LesionSegmentation, out_mask: Path, table_csv: Path | None
+) -> SegmentOutputs:
+    from lesionwatch.pipelines.postprocess import write_lesion_table_csv
+
+    out_mask.parent.mkdir(parents=True, exist_ok=True)
+    result.mask_source_grid.save(out_mask)
+    if table_csv is not None:
+        write_lesion_table_csv(result.lesions, table_csv)
+    return SegmentOutputs(
+        mask_path=out_mask,
+        lesion_count=len(result.lesions),
+        total_volume_ml=sum(lesion.volume_ml for lesion in result.lesions),
+        timings_s=result.timings_s,
+    )
+
+
+def segment_new_lesions(
+    config: LesionWatchConfig,
+    prior_source: Path,
+    current_source: Path,
+    out_mask: Path,
+    *,
+    table_csv: Path | None = None,
+    weights: Path | None = None,
+) -> SegmentOutputs:
+    """Lesions new on the current FLAIR since the prior one; mask on the current's grid."""
+    from lesionwatch.pipelines.new_lesions import run_new_lesions_pipeline
+
+    prior = load_case_image(prior_source)
+    current = load_case_image(current_source)
+    model, card = _load_weights(config, "new_lesions", weights)
+    pipeline_cfg = config.pipelines.new_lesions
+    result = run_new_lesions_pipeline(
+        prior.volume,
+        current.volume,
+        model,
+        card,
+        config.inference,
+        pipeline_cfg,
+        registration=pipeline_cfg.registration,
+    )
+    return _write_outputs(result, out_mask, table_csv)
+
+
+def segment_enhancing(
+    config: LesionWatchConfig,
+    t1_pre_source: Path,
+    t1_post_source: Path,
+    out_mask: Path,
+    *,
+    table_csv: Path | None = None,
+    weights: Path | None = None,
+) -> SegmentOutputs:
+    """Gadolinium-enhancing lesions; mask on the T1 post-contrast grid."""
+    from lesionwatch.pipelines.enhancing import run_enhancing_pipeline
+
+    t1_pre = load_case_image(t1_pre_source)
+    t1_post = load_case_image(t1_post_source)
+    model, card = _load_weights(config, "enhancing", weights)
+    result = run_enhancing_pipeline(
+        t1_pre.volume, t1_post.volume, model, card, config.inference, config.pipelines.enhancing
+    )
+    return _write_outputs(result, out_mask, table_csv)
 
 
 def segment_flair(

@@ -116,6 +116,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from lesionwatch.models.reproduce import PLANS, install_weights, reproduce_task
+    from lesionwatch.service.segment_command import DEFAULT_WEIGHTS_DIR
+
+    tasks = args.tasks.split(",")
+    unknown = [task for task in tasks if task not in PLANS]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; use {sorted(PLANS)}")
+    for task in tasks:
+        plan = PLANS[task].scaled(args.scale) if args.scale != 1.0 else PLANS[task]
+        if args.device or args.cpu_threads:
+            extra = {
+                k: v
+                for k, v in {"device": args.device, "cpu_threads": args.cpu_threads}.items()
+                if v
+            }
+            plan = plan.model_copy(
+                update={
+                    "pretrain": plan.pretrain.model_copy(update=extra),
+                    "finetune": plan.finetune.model_copy(update=extra) if plan.finetune else None,
+                }
+            )
+        outcome = reproduce_task(plan, args.out, args.data_root)
+        print(f"{task}: {outcome.weights} (results: {outcome.results_markdown})")
+        if args.install:
+            target = install_weights(outcome, args.weights_dir or DEFAULT_WEIGHTS_DIR)
+            print(f"{task}: installed as {target}")
+    return 0
+
+
 def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-root", type=Path, help="labelled data (default: ../shared/data beside the checkout)"
@@ -187,3 +217,24 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:  # type
     )
     _data_options(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+    reproduce = commands.add_parser(
+        "reproduce-weights",
+        help="Rebuild the shipped default weights: synthetic pre-training, leave-one-out "
+        "comparison on the real data, final fine-tuning (resumable).",
+    )
+    reproduce.add_argument("--out", type=Path, required=True, help="working folder (resumable)")
+    reproduce.add_argument("--tasks", default="flair,new_lesions,enhancing")
+    reproduce.add_argument(
+        "--data-root", type=Path, help="labelled data (default: ../shared/data beside the checkout)"
+    )
+    reproduce.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every step budget (GPU: 10)"
+    )
+    reproduce.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    reproduce.add_argument("--cpu-threads", type=int)
+    reproduce.add_argument(
+        "--install", action="store_true", help="copy the results into models/weights/"
+    )
+    reproduce.add_argument("--weights-dir", type=Path, help="install here instead")
+    reproduce.set_defaults(handler=_cmd_reproduce)

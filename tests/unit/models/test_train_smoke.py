@@ -25,7 +25,13 @@ from lesionwatch.models.datasets import (
     load_real_case,
     synthetic_case_set,
 )
-from lesionwatch.models.evaluate import EvaluateSettings, evaluate, record_metrics_in_card
+from lesionwatch.models.evaluate import (
+    EvaluateSettings,
+    LoocvSettings,
+    evaluate,
+    loocv,
+    record_metrics_in_card,
+)
 from lesionwatch.models.finetune import FinetuneSettings, finetune
 from lesionwatch.models.synthetic_lesions import LesionModel
 from lesionwatch.models.train import TrainingError, TrainSettings, compute_loss, train
@@ -201,3 +207,41 @@ def test_evaluate_reports_per_case_and_mean_se(full_run, cases: CaseSet, tmp_pat
     card = record_metrics_in_card(copy, report, prefix="synthetic_")
     assert card.metrics["synthetic_dice_n"] == 2.0
     assert load_model(copy, "flair", ["flair"])[1].metrics == card.metrics
+
+
+def test_loocv_scores_every_held_out_case_in_three_arms(full_run, cases: CaseSet, tmp_path: Path):
+    tiny = FinetuneSettings(
+        **SETTINGS.model_dump(exclude={"task", "depth", "base_width", "dilation"})
+    )
+    settings = LoocvSettings(
+        finetune=tiny.model_copy(update={"steps": 2}),
+        scratch=SETTINGS.model_copy(update={"steps": 2}),
+        evaluate=EvaluateSettings(device="cpu", cpu_threads=1, step_mm=32, progress=False),
+        fold_by="case",  # the synthetic cases share one brain, so one subject
+    )
+    report = loocv(full_run.weights_path, cases, tmp_path / "loocv", settings, task="flair")
+    assert report.folds == [[case_id] for case_id in cases.case_ids]
+    assert set(report.arms) == {"default", "fine-tuned", "from scratch"}
+    for scores in report.arms.values():
+        assert [c.case_id for c in scores] == list(cases.case_ids)
+    # a fold's models never saw its held-out case
+    card = load_model(
+        tmp_path / "loocv" / "fold_00" / "finetuned" / "flair.pt", "flair", ["flair"]
+    )[1]
+    assert cases.case_ids[0] not in card.training_data.split("fine-tuning:")[1]
+    assert cases.case_ids[1] in card.training_data.split("fine-tuning:")[1]
+    markdown = (tmp_path / "loocv" / "loocv.md").read_text()
+    assert "fine-tuned" in markdown and cases.case_ids[2] in markdown
+    saved = json.loads((tmp_path / "loocv" / "loocv.json").read_text())
+    assert set(saved["summary"]) == set(report.arms)
+    # the fine-tuned arm's held-out means and the tables go into a card
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(full_run.weights_path.read_bytes())
+    card_path_for(copy).write_bytes(card_path_for(full_run.weights_path).read_bytes())
+    updated = record_metrics_in_card(
+        copy, report, prefix="loocv_", arm="fine-tuned", evaluation=report.comparison_table()
+    )
+    assert updated.metrics["loocv_dice_n"] == 3.0
+    assert "from scratch" in updated.evaluation
+    with pytest.raises(ValueError, match="arms"):
+        record_metrics_in_card(copy, report)
