@@ -35,7 +35,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from lesionwatch.models.augmentation import AugmentationSettings, extract_patch, random_transform
+from lesionwatch.models.augmentation import (
+    INTENSITY_OFF,
+    AugmentationSettings,
+    augment_intensity,
+    extract_patch,
+    random_transform,
+)
 from lesionwatch.models.datasets import TASK_CHANNELS, CaseSet, TaskName, TrainingCase
 from lesionwatch.models.device import (
     configure_cpu_threads,
@@ -156,7 +162,8 @@ def describe_recipe(settings: OptimisationSettings, patch_vox: tuple[int, int, i
         f"elastic augmentation on {aug.probability:.0%} of patches (rotation ±{aug.rotation_deg}°, "
         f"translation ±{aug.translation_mm} mm, scale {aug.scale_range[0]}-{aug.scale_range[1]}, "
         f"free-form deformation SD {aug.deformation_sd_mm} mm on a {aug.control_spacing_mm} mm "
-        "control grid)"
+        f"control grid); intensity x{aug.intensity_scale_range[0]}-{aug.intensity_scale_range[1]}"
+        f" and ±{aug.intensity_shift} z offset on every patch"
         if aug.enabled
         else "no augmentation"
     )
@@ -170,8 +177,13 @@ def describe_recipe(settings: OptimisationSettings, patch_vox: tuple[int, int, i
 
 
 def _fingerprint(settings: OptimisationSettings, model: UNet3D, cases: CaseSet) -> dict[str, Any]:
+    dumped = settings.model_dump(mode="json", exclude=_RESUMABLE_CHANGES)
+    augmentation = dumped.get("augmentation", {})
+    for key, off in INTENSITY_OFF.items():  # newer fields: older checkpoints stay resumable
+        if augmentation.get(key) == off:
+            augmentation.pop(key)
     return {
-        "settings": settings.model_dump(mode="json", exclude=_RESUMABLE_CHANGES),
+        "settings": dumped,
         "architecture": [model.in_channels, model.out_classes, model.depth, model.base_width],
         "cases": list(cases.case_ids),
     }
@@ -250,6 +262,7 @@ def run_training(
     spacing = (settings.spacing_mm,) * 3
     patch_vox = patch_size_voxels(settings.patch_size_mm, spacing, model.size_multiple)
     sampler = PatchSampler(patch_vox, lesion_fraction=settings.lesion_fraction)
+    shifted_channels = [name != "difference" for name in channels]
     # channels-last 3D: oneDNN's fast layout on CPU (1.5x per step measured), harmless on CUDA
     model.to(device=device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(
@@ -366,6 +379,8 @@ def run_training(
                     if aug.enabled and float(torch.rand(1, generator=generator)) < aug.probability:
                         transform = random_transform(aug, patch_vox, spacing, generator)
                     x, y = extract_patch(image, label, patch.start_kji, patch_vox, transform)
+                    if aug.enabled:
+                        x = augment_intensity(x, aug, shifted_channels, generator)
                     images.append(x)
                     labels.append(y)
                 inputs = torch.stack(images).contiguous(memory_format=torch.channels_last_3d)

@@ -124,3 +124,23 @@ def test_bad_settings_are_rejected():
         AugmentationSettings(scale_range=(1.2, 0.8))
     with pytest.raises(ValueError, match="same grid"):
         extract_patch(torch.zeros(1, 8, 8, 8), torch.zeros(8, 8, 7), (0, 0, 0), (4, 4, 4))
+
+
+def test_intensity_augmentation_scales_the_brain_and_shifts_only_acquisitions() -> None:
+    from lesionwatch.models.augmentation import augment_intensity
+
+    patch = torch.zeros(3, 6, 6, 6)
+    patch[0, 1:5, 1:5, 1:5] = 2.0  # acquisition inside the brain
+    patch[1, 1:5, 1:5, 1:5] = 1.0
+    patch[2, 1:5, 1:5, 1:5] = -1.0  # a difference channel
+    settings = AugmentationSettings(intensity_scale_range=(0.5, 1.5), intensity_shift=0.4)
+    out = augment_intensity(patch, settings, [True, True, False], torch.Generator().manual_seed(3))
+    inside = (slice(1, 5),) * 3
+    scale = float(out[2][inside].mean()) / -1.0  # the difference channel is only scaled
+    shift = float(out[1][inside].mean()) - scale * 1.0
+    assert 0.5 <= scale <= 1.5 and abs(shift) <= 0.4 and (scale, shift) != (1.0, 0.0)
+    assert torch.allclose(out[0][inside], torch.full((4, 4, 4), 2.0 * scale + shift))
+    assert (out[:, 0] == 0).all() and (out[:, 5] == 0).all()  # outside the brain stays 0
+    # the default (off) leaves patches untouched
+    same = augment_intensity(patch, AugmentationSettings(), [True] * 3, torch.Generator())
+    assert same is patch
