@@ -300,6 +300,19 @@ class LoocvReport:
             },
         }
 
+    @classmethod
+    def read(cls, out_dir: Path) -> LoocvReport:
+        """The report `write` left in ``out_dir``."""
+        saved = json.loads((Path(out_dir) / "loocv.json").read_text(encoding="utf-8"))
+        return cls(
+            task=saved["task"],
+            folds=saved["folds"],
+            arms={
+                arm: [CaseMetrics.from_dict(row) for row in rows]
+                for arm, rows in saved["arms"].items()
+            },
+        )
+
     def write(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "loocv.json").write_text(

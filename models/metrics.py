@@ -182,6 +182,37 @@ class CaseMetrics:
             row[f"{prefix}_f1"] = detection.f1
         return row
 
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> CaseMetrics:
+        """The inverse of `as_dict` (derived values are recomputed, not read)."""
+
+        def detection(rule: DetectionRule) -> LesionDetection:
+            def count(name: str) -> int:
+                return int(row[f"{rule.value}_{name}"])
+
+            return LesionDetection(
+                rule,
+                count("n_true_lesions"),
+                count("n_predicted_lesions"),
+                count("n_true_detected"),
+                count("n_predicted_correct"),
+            )
+
+        params = {
+            name: float(row[f"param_{name}"])
+            for name in ("min_lesion_volume_mm3", "alpha", "beta", "gamma")
+        }
+        return cls(
+            str(row["case_id"]),
+            float(row["dice"]),
+            float(row["true_volume_ml"]),
+            float(row["predicted_volume_ml"]),
+            detection(DetectionRule.ANIMA),
+            detection(DetectionRule.ANY_OVERLAP),
+            int(row["connectivity"]),
+            AnimaDetectionParams(**params),
+        )
+
 
 @dataclass(frozen=True)
 class MeanSE:

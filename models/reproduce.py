@@ -40,12 +40,14 @@ from lesionwatch.models.datasets import (
 from lesionwatch.models.evaluate import (
     EvaluateSettings,
     EvaluationReport,
+    LoocvReport,
     LoocvSettings,
     evaluate,
     loocv,
     record_metrics_in_card,
 )
 from lesionwatch.models.finetune import FinetuneSettings, finetune
+from lesionwatch.models.metrics import summarize_cases
 from lesionwatch.models.train import TrainSettings, train
 from lesionwatch.models.weights import card_path_for
 
@@ -233,13 +235,29 @@ def reproduce_task(
         plan.finetune.model_copy(update={"name": plan.task}),
         resume=True,
     )
+    return finish_real_task(
+        plan, task_dir, report_loocv, pretrained.weights_path, shipped.weights_path, real
+    )
+
+
+def finish_real_task(
+    plan: ReproducePlan,
+    task_dir: Path,
+    report_loocv: LoocvReport,
+    pretrained_weights: Path,
+    finetuned_weights: Path,
+    real: CaseSet,
+) -> TaskOutcome:
+    """Write the results text into RESULTS.md and the cards, and choose the model to ship."""
+    results = task_dir / "RESULTS.md"
     body = (
         "Leave-one-subject-out on the real labelled cases (visits of one person are held out "
         "together). Arms: **default** = the model pre-trained on synthetic lesions only; "
         "**fine-tuned** = that model fine-tuned on the other subjects; **from scratch** = the "
-        "same network trained on the other subjects only, same steps. The shipped weights are "
-        "the pre-trained model fine-tuned on ALL real cases with the fine-tuned arm's recipe; "
-        "the fine-tuned arm's held-out scores are its estimate.\n\n"
+        "same network trained on the other subjects only, same steps. The fine-tuned candidate "
+        "for shipping is the pre-trained model fine-tuned on ALL real cases with the "
+        "fine-tuned arm's recipe (whose held-out scores are its estimate); which model ships "
+        "is decided at the end.\n\n"
         "Detection: a true lesion counts as detected under Anima's MSSEG-2 rule (min 3 mm3, "
         "alpha 0.10, beta 0.70, gamma 0.65) or under plain any-overlap; 26-connectivity.\n\n"
         f"Cases: {real.description}\n\n## Mean ± SE over held-out cases\n\n"
@@ -248,20 +266,40 @@ def reproduce_task(
     )
     results.write_text(_results_text(plan, body), encoding="utf-8")
     record_metrics_in_card(
-        shipped.weights_path,
+        finetuned_weights,
         report_loocv,
         prefix="loocv_finetuned_",
         arm="fine-tuned",
         evaluation=results.read_text(encoding="utf-8"),
     )
     record_metrics_in_card(
-        pretrained.weights_path,
+        pretrained_weights,
         report_loocv,
         prefix="real_",
         arm="default",
         evaluation=results.read_text(encoding="utf-8"),
     )
-    return TaskOutcome(plan.task, shipped.weights_path, results)
+    # Ship what scored better on held-out subjects (mean lesion-wise F1, Anima rule): the
+    # fine-tuned recipe normally; the pre-trained model when fine-tuning did not help.
+    f1 = {
+        arm: summarize_cases(report_loocv.arms[arm])["anima_f1"].mean
+        for arm in ("default", "fine-tuned")
+    }
+    chosen = "fine-tuned" if f1["fine-tuned"] > f1["default"] else "default"
+    with results.open("a", encoding="utf-8") as handle:
+        handle.write(
+            f"\n## Shipped\n\nMean Anima F1 on held-out subjects: default {f1['default']:.3f}, "
+            f"fine-tuned {f1['fine-tuned']:.3f}; shipped: the **{chosen}** model"
+            + (
+                " (pre-trained on synthetic lesions only), because fine-tuning on the other "
+                "subjects did not improve held-out F1.\n"
+                if chosen == "default"
+                else " (pre-trained, then fine-tuned on all real cases).\n"
+            )
+        )
+    weights = finetuned_weights if chosen == "fine-tuned" else pretrained_weights
+    record_metrics_in_card(weights, report_loocv, arm=chosen, evaluation=results.read_text())
+    return TaskOutcome(plan.task, weights, results)
 
 
 def install_weights(outcome: TaskOutcome, weights_dir: Path) -> Path:

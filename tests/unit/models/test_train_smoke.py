@@ -27,6 +27,7 @@ from lesionwatch.models.datasets import (
 )
 from lesionwatch.models.evaluate import (
     EvaluateSettings,
+    LoocvReport,
     LoocvSettings,
     evaluate,
     loocv,
@@ -234,6 +235,8 @@ def test_loocv_scores_every_held_out_case_in_three_arms(full_run, cases: CaseSet
     assert "fine-tuned" in markdown and cases.case_ids[2] in markdown
     saved = json.loads((tmp_path / "loocv" / "loocv.json").read_text())
     assert set(saved["summary"]) == set(report.arms)
+    reread = LoocvReport.read(tmp_path / "loocv")  # a finished run can be re-summarised
+    assert json.dumps(reread.as_dict()) == json.dumps(report.as_dict())
     # the fine-tuned arm's held-out means and the tables go into a card
     copy = tmp_path / "copy.pt"
     copy.write_bytes(full_run.weights_path.read_bytes())
