@@ -147,9 +147,9 @@ PLANS: dict[str, ReproducePlan] = {
     ),
     "enhancing": ReproducePlan(
         task="enhancing",
-        synthetic_cases=24,
-        pretrain=_pretrain("enhancing", 1000),
-        held_out_synthetic_cases=6,
+        synthetic_cases=16,
+        pretrain=_pretrain("enhancing", 800),
+        held_out_synthetic_cases=4,
         evaluate=_EVALUATE,
     ),
 }
