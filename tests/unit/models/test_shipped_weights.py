@@ -37,9 +37,9 @@ def test_shipped_weights_load_and_carry_their_evidence(task: str) -> None:
         assert "SYNTHETIC" in card.evaluation
         assert card.metrics["synthetic_held_out_dice_n"] >= 1
     else:
-        assert "from scratch" in card.evaluation and "fine-tuned" in card.evaluation
-        assert card.metrics["loocv_finetuned_dice_n"] >= 3
-        assert "fine-tuning:" in card.training_data
+        # the leave-one-subject-out table of all three arms, and which one shipped
+        assert "from scratch" in card.evaluation and "## Shipped" in card.evaluation
+        assert card.metrics["dice_n"] >= 3  # the shipped arm's held-out scores
 
 
 def test_shipped_flair_model_finds_the_lesions_of_a_real_flair(
