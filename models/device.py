@@ -2,7 +2,7 @@
 
 Mixed precision at inference is a CUDA-only feature here (float16 autocast). Training may use
 bfloat16 autocast on CPUs with native bfloat16 instructions (AVX512-BF16 or AMX), where it
-measured 1.6-1.9x faster per step (tests/benchmarks/bench_training_step.py); on other CPUs
+measured 1.5-1.9x faster per step (tests/benchmarks/bench_training_step.py); on other CPUs
 bfloat16 is emulated and slower, so `cpu_supports_bfloat16` decides.
 """
 
