@@ -39,7 +39,6 @@ from lesionwatch.models.datasets import (
 )
 from lesionwatch.models.evaluate import (
     EvaluateSettings,
-    EvaluationReport,
     LoocvReport,
     LoocvSettings,
     evaluate,
@@ -310,9 +309,3 @@ def install_weights(outcome: TaskOutcome, weights_dir: Path) -> Path:
     shutil.copyfile(card_path_for(outcome.weights), card_path_for(target))
     shutil.copyfile(outcome.results_markdown, weights_dir / f"{outcome.task}.RESULTS.md")
     return target
-
-
-def summary_line(report: EvaluationReport) -> str:
-    summary = report.summary
-    keys = ("dice", "anima_sensitivity", "anima_ppv")
-    return ", ".join(f"{key} {summary[key]}" for key in keys)
