@@ -732,9 +732,16 @@ def synthetic_case_set(
         (b.source or b.subject) if isinstance(b, BrainImages) else getattr(b, "name", f"brain {k}")
         for k, b in enumerate(brains)
     ]
+    load_text = ""
+    if lesion_model is not None and lesion_model.median_volume_range_mm3 is not None:
+        low, high = lesion_model.median_volume_range_mm3
+        load_text = (
+            f", {lesion_model.count_range[0]}-{lesion_model.count_range[1]} lesions per case "
+            f"with a per-case median volume of {low:g}-{high:g} mm3"
+        )
     description = (
         f"{n_cases} synthetic {task} cases (models.synthetic_lesions, seed {seed}, real "
-        f"lesions: {real_lesions}) in real brains: {'; '.join(names)}"
+        f"lesions: {real_lesions}{load_text}) in real brains: {'; '.join(names)}"
     )
     subjects = [f"synthetic/{i % len(brains)}" for i in range(n_cases)]
     ids = [f"synthetic-{task}-{seed}-{i:05d}" for i in range(n_cases)]

@@ -78,6 +78,10 @@ class LesionModel:
     volume_log_sd: float = 1.2
     min_volume_mm3: float = 4.0  # above the 3 mm3 detection limit of the MSSEG scoring
     max_volume_mm3: float = 3000.0
+    # When set, each case draws its own median lesion volume log-uniformly from this range:
+    # lesion load varies ~50-fold between MS patients (under 1 mL to confluent tens of mL),
+    # and a model that only saw light loads under-calls heavy ones.
+    median_volume_range_mm3: tuple[float, float] | None = None
     periventricular_fraction: float = 0.5
     periventricular_distance_mm: float = 8.0
     elongation_range: tuple[float, float] = (1.0, 2.5)
@@ -97,6 +101,16 @@ class LesionModel:
         for name in ("periventricular_fraction", "enhancing_fraction", "ring_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        low_high = self.median_volume_range_mm3
+        if low_high is not None and not 0 < low_high[0] <= low_high[1]:
+            raise ValueError("need 0 < median_volume_range_mm3[0] <= median_volume_range_mm3[1]")
+
+    def for_case(self, rng: np.random.Generator) -> LesionModel:
+        """This model with the case's own median lesion volume drawn (when a range is set)."""
+        if self.median_volume_range_mm3 is None:
+            return self
+        low, high = (math.log(v) for v in self.median_volume_range_mm3)
+        return replace(self, median_volume_mm3=math.exp(rng.uniform(low, high)))
 
 
 @dataclass(frozen=True)
@@ -660,7 +674,7 @@ def add_synthetic_lesions(
     ``avoid_mask`` marks voxels lesions must keep clear of (e.g. the real lesions of the
     image). All images must be on the FLAIR grid; the inputs are not modified.
     """
-    model = model or LesionModel()
+    model = (model or LesionModel()).for_case(rng)
     tissues, avoid = _prepare(flair, brain_mask, t1, t1_post, tissues, avoid_mask)
     if n_lesions is None:
         n_lesions = int(rng.integers(model.count_range[0], model.count_range[1] + 1))
@@ -737,7 +751,7 @@ def make_new_lesion_pair(
     bias field. Ground truth (``new_lesions``, ``enlarged``) is on the current (input) grid;
     ``change.current_to_prior_lps`` maps a current point to the same anatomy in the prior.
     """
-    model = model or LesionModel()
+    model = (model or LesionModel()).for_case(rng)
     tissues, avoid = _prepare(flair, brain_mask, t1, t1_post, tissues, avoid_mask)
     if n_shared is None:
         n_shared = int(rng.integers(model.count_range[0], model.count_range[1] + 1))

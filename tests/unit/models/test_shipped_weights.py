@@ -1,9 +1,10 @@
 """The default weights in models/weights/: present, small, loadable, documented, and working.
 
 The segmentation check runs the shipped FLAIR model through the real `segment flair` command
-on the committed open_ms_data patient07 FLAIR. patient07 is one of the cases the shipped model
-was fine-tuned on, so this is a regression check of the file and the pipeline, not a measure
-of accuracy (the leave-one-out figures in the card are that).
+on the committed open_ms_data patient07 FLAIR. patient07's brain carried synthetic lesions in
+pre-training (and its labels are fine-tuning data whenever the fine-tuned arm ships), so this
+is a regression check of the file and the pipeline, not a measure of accuracy (the
+leave-one-out figures in the card are that).
 """
 
 from __future__ import annotations

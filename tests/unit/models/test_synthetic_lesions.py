@@ -278,3 +278,22 @@ def test_bad_input_is_refused_with_a_reason(brain: dict[str, ImageVolume]) -> No
     )
     with pytest.raises(SyntheticLesionError, match="no room"):
         add_synthetic_lesions(flair, np.random.default_rng(0), 5, tissues=cramped, model=MODEL)
+
+
+def test_per_case_lesion_load_spans_the_requested_range(
+    brain: dict[str, ImageVolume], tissues: TissueMasks
+) -> None:
+    """A median-volume range gives light and heavy cases; without it the median is fixed."""
+    model = LesionModel(median_volume_range_mm3=(5.0, 200.0), max_volume_mm3=2000.0)
+    medians = [model.for_case(np.random.default_rng(seed)).median_volume_mm3 for seed in range(40)]
+    assert 5.0 <= min(medians) < 15.0 and 100.0 < max(medians) <= 200.0
+    assert MODEL.for_case(np.random.default_rng(0)) is MODEL
+    loads = []
+    for seed in (3, 4, 5, 6):
+        painted = add_synthetic_lesions(
+            brain["FLAIR"], np.random.default_rng(seed), 6, tissues=tissues, model=model
+        )
+        loads.append(sum(lesion.volume_mm3 for lesion in painted.lesions))
+    assert max(loads) > 4 * min(loads)
+    with pytest.raises(ValueError, match="median_volume_range_mm3"):
+        LesionModel(median_volume_range_mm3=(50.0, 10.0))
