@@ -739,6 +739,11 @@ def synthetic_case_set(
             f", {lesion_model.count_range[0]}-{lesion_model.count_range[1]} lesions per case "
             f"with a per-case median volume of {low:g}-{high:g} mm3"
         )
+    if lesion_model is not None and lesion_model.ependymal_rim_mm > 0:
+        load_text += (
+            f", periventricular lesions reaching the ventricular wall "
+            f"(rim {lesion_model.ependymal_rim_mm:g} mm)"
+        )
     description = (
         f"{n_cases} synthetic {task} cases (models.synthetic_lesions, seed {seed}, real "
         f"lesions: {real_lesions}{load_text}) in real brains: {'; '.join(names)}"

@@ -341,10 +341,12 @@ def loocv(
     settings: LoocvSettings,
     *,
     task: str,
+    rehearsal: CaseSet | None = None,
 ) -> LoocvReport:
     """Leave-one-subject-out (or -case-out) comparison of default, fine-tuned and scratch.
 
-    ``default_weights`` None leaves out the default and fine-tuned arms.
+    ``default_weights`` None leaves out the default and fine-tuned arms. ``rehearsal``: the
+    pre-training cases fine-tuning rehearses (when its settings ask for rehearsal).
     """
     out_dir = Path(out_dir)
     folds = _folds(cases, settings.fold_by)
@@ -368,7 +370,12 @@ def loocv(
             scores = evaluate_model(model, card, held_set, settings.evaluate, label="default")
             report.arms.setdefault("default", []).extend(scores.cases)
             tuned = finetune(
-                default_weights, rest_set, fold_dir / "finetuned", settings.finetune, resume=True
+                default_weights,
+                rest_set,
+                fold_dir / "finetuned",
+                settings.finetune,
+                resume=True,
+                rehearsal=rehearsal,
             )
             scores = evaluate(tuned.weights_path, held_set, settings.evaluate, task=task)
             report.arms.setdefault("fine-tuned", []).extend(scores.cases)

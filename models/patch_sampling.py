@@ -14,6 +14,7 @@ patches are fixed by its seed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy.typing as npt
 
 from lesionwatch.models.datasets import TrainingCase
 
-__all__ = ["Patch", "PatchSampler", "PatchSamplingError"]
+__all__ = ["Patch", "PatchSampler", "PatchSamplingError", "subject_balanced_weights"]
 
 Shape3 = tuple[int, int, int]
 
@@ -56,6 +57,18 @@ class _Index:
     shape: Shape3
     lesion: npt.NDArray[np.int64]  # flat indices of lesion voxels
     background: npt.NDArray[np.int64]  # flat indices of brain voxels outside lesions
+
+
+def subject_balanced_weights(subjects: Sequence[str]) -> npt.NDArray[np.float64]:
+    """Case weights (summing to 1) that give every subject the same share, however many
+    visits it has: one person's three visits must not outweigh two other people."""
+    if not subjects:
+        raise PatchSamplingError("no subjects to weight")
+    visits: dict[str, int] = {}
+    for subject in subjects:
+        visits[subject] = visits.get(subject, 0) + 1
+    weights = np.array([1.0 / visits[s] for s in subjects]) / len(visits)
+    return weights / weights.sum()
 
 
 class PatchSampler:
@@ -137,15 +150,27 @@ class PatchSampler:
         return Patch(case_index, start, self.size_kji, False, has_lesion)
 
     def sample_batch(
-        self, cases: list[tuple[int, TrainingCase]], batch_size: int, rng: np.random.Generator
+        self,
+        cases: list[tuple[int, TrainingCase]],
+        batch_size: int,
+        rng: np.random.Generator,
+        weights: Sequence[float] | None = None,
     ) -> list[Patch]:
-        """``batch_size`` patches from cases drawn uniformly from ``cases`` ((index, case)
-        pairs); each patch is a positive with probability ``lesion_fraction``."""
+        """``batch_size`` patches from cases drawn from ``cases`` ((index, case) pairs),
+        uniformly or in proportion to ``weights``; each patch is a positive with probability
+        ``lesion_fraction``."""
         if not cases:
             raise PatchSamplingError("no cases to sample patches from")
+        p = None
+        if weights is not None:
+            p = np.asarray(weights, dtype=np.float64)
+            if p.shape != (len(cases),) or (p < 0).any() or p.sum() <= 0:
+                raise PatchSamplingError("need one non-negative weight per case, not all zero")
+            p = p / p.sum()
         patches = []
         for _ in range(batch_size):
-            case_index, case = cases[int(rng.integers(len(cases)))]
+            pick = int(rng.integers(len(cases))) if p is None else int(rng.choice(len(cases), p=p))
+            case_index, case = cases[pick]
             want = bool(rng.random() < self.lesion_fraction)
             patches.append(self.sample(case, rng, want_lesion=want, case_index=case_index))
         return patches

@@ -129,10 +129,9 @@ def _pretrain(task: str, steps: int, **changes: Any) -> TrainSettings:
     return TrainSettings(**{**values, **changes})
 
 
-def _finetune(steps: int) -> FinetuneSettings:
-    return FinetuneSettings(
-        **{**_OPTIMISATION, "steps": steps, "learning_rate": 5e-4, "augmentation": _INTENSITY}
-    )
+def _finetune(steps: int, **changes: Any) -> FinetuneSettings:
+    values = {**_OPTIMISATION, "steps": steps, "learning_rate": 5e-4, "augmentation": _INTENSITY}
+    return FinetuneSettings(**{**values, **changes})
 
 
 PLANS: dict[str, ReproducePlan] = {
@@ -140,6 +139,13 @@ PLANS: dict[str, ReproducePlan] = {
         task="flair",
         synthetic_cases=24,
         pretrain=_pretrain("flair", 1500, patch_size_mm=64),
+        # Fine-tuned on the other subjects, the model forgot: P14's three visits (60 % of a
+        # fold) rose to Dice 0.78-0.86 while the other subjects fell under 0.15. Sharing
+        # patches equally between subjects with half of them rehearsing synthetic cases
+        # (balance_subjects, rehearsal_fraction 0.5) was measured and is NOT used: held-out
+        # F1 fell from 0.341 to 0.149. patient19 rose (Dice 0.02 -> 0.40), but trained on two
+        # open_ms subjects and P18 the model called 50-63 mL on P14 visits holding 25-30 mL
+        # (PPV 0.08): with 3-4 subjects per fold, fine-tuning follows the scanner it sees.
         finetune=_finetune(600),
         evaluate=_EVALUATE,
         # Lesion load varies per case (0.7-34 mL measured on the first 8 cases): with the
@@ -150,6 +156,10 @@ PLANS: dict[str, ReproducePlan] = {
             "median_volume_range_mm3": (15.0, 400.0),
             "max_volume_mm3": 20000.0,
             "periventricular_fraction": 0.6,
+            # ependymal_rim_mm 3 (periventricular lesions grown up to the ventricular wall) was
+            # measured and is not used: held-out Dice 0.417 / F1 0.456 against 0.448 / 0.468.
+            # Synthetic lesions already put 11-26 % of their voxels within 3 mm of a ventricle,
+            # like the real ones (6-26 %).
         },
     ),
     "new_lesions": ReproducePlan(
@@ -187,7 +197,7 @@ def _synthetic(plan: ReproducePlan, data_root: Path | None, n: int, seed: int) -
 def _scratch_settings(plan: ReproducePlan) -> TrainSettings:
     """The from-scratch arm: the pre-training network, the fine-tuning budget and data."""
     assert plan.finetune is not None
-    tuned = plan.finetune.model_dump(exclude={"freeze_encoder_steps"})
+    tuned = plan.finetune.model_dump(exclude={"freeze_encoder_steps", "rehearsal_fraction"})
     tuned.update(learning_rate=plan.pretrain.learning_rate, name=f"{plan.task}_scratch")
     return TrainSettings(
         task=plan.pretrain.task,
@@ -235,6 +245,7 @@ def reproduce_task(
         return TaskOutcome(plan.task, pretrained.weights_path, results)
 
     real = real_case_set(plan.task, data_root)
+    rehearsal = synthetic if plan.finetune.rehearsal_fraction > 0 else None
     report_loocv = loocv(
         pretrained.weights_path,
         real,
@@ -243,6 +254,7 @@ def reproduce_task(
             finetune=plan.finetune, scratch=_scratch_settings(plan), evaluate=plan.evaluate
         ),
         task=plan.task,
+        rehearsal=rehearsal,
     )
     shipped = finetune(
         pretrained.weights_path,
@@ -250,6 +262,7 @@ def reproduce_task(
         task_dir / "shipped",
         plan.finetune.model_copy(update={"name": plan.task}),
         resume=True,
+        rehearsal=rehearsal,
     )
     return finish_real_task(
         plan, task_dir, report_loocv, pretrained.weights_path, shipped.weights_path, real

@@ -23,13 +23,14 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,7 +50,7 @@ from lesionwatch.models.device import (
     select_device,
     use_mixed_precision,
 )
-from lesionwatch.models.patch_sampling import PatchSampler
+from lesionwatch.models.patch_sampling import PatchSampler, subject_balanced_weights
 from lesionwatch.models.unet3d import UNet3D
 from lesionwatch.models.weights import ModelCard, save_model
 
@@ -77,6 +78,10 @@ _RESUMABLE_CHANGES = {
     "version",
     "name",
 }
+
+
+# settings added after checkpoints were written: left out of the fingerprint while off
+_NEWER_FIELDS_OFF: dict[str, Any] = {"balance_subjects": False, "rehearsal_fraction": 0.0}
 
 
 class TrainingError(RuntimeError):
@@ -107,6 +112,9 @@ class OptimisationSettings(BaseModel):
     cpu_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+    balance_subjects: bool = Field(
+        False, description="every subject (person) gets an equal share of patches"
+    )
     pool_size: int = Field(8, ge=1, description="cases held at once")
     pool_refresh_steps: int = Field(250, ge=1, description="steps before the pool changes")
     prefetch: bool = Field(True, description="build the next pool in a background thread")
@@ -170,7 +178,9 @@ def describe_recipe(settings: OptimisationSettings, patch_vox: tuple[int, int, i
     return (
         f"{settings.steps} steps x batch {settings.batch_size} of {settings.patch_size_mm} mm "
         f"patches ({'x'.join(map(str, patch_vox))} voxels at {settings.spacing_mm} mm), "
-        f"{settings.lesion_fraction:.0%} centred near a lesion; {augmentation}; loss "
+        f"{settings.lesion_fraction:.0%} centred near a lesion"
+        f"{', each subject an equal share' if settings.balance_subjects else ''}; "
+        f"{augmentation}; loss "
         f"{settings.loss}; Adam lr {settings.learning_rate:g}, weight decay "
         f"{settings.weight_decay:g}; seed {settings.seed}"
     )
@@ -182,6 +192,9 @@ def _fingerprint(settings: OptimisationSettings, model: UNet3D, cases: CaseSet) 
     for key, off in INTENSITY_OFF.items():  # newer fields: older checkpoints stay resumable
         if augmentation.get(key) == off:
             augmentation.pop(key)
+    for key, off in _NEWER_FIELDS_OFF.items():
+        if dumped.get(key) == off:
+            dumped.pop(key)
     return {
         "settings": dumped,
         "architecture": [model.in_channels, model.out_classes, model.depth, model.base_width],
@@ -220,6 +233,21 @@ def _set_encoder_frozen(model: UNet3D, frozen: bool) -> None:
             parameter.requires_grad_(not frozen)
 
 
+def _case_weights(
+    cases: CaseSet, settings: OptimisationSettings, given: Sequence[float] | None
+) -> npt.NDArray[np.float64] | None:
+    if given is not None:
+        weights = np.asarray(given, dtype=np.float64)
+        if weights.shape != (len(cases),) or (weights < 0).any() or weights.sum() <= 0:
+            raise TrainingError(
+                f"need {len(cases)} non-negative case weights, not all zero; got {weights.shape}"
+            )
+        return weights / weights.sum()
+    if settings.balance_subjects:
+        return subject_balanced_weights(cases.subjects)
+    return None
+
+
 def run_training(
     model: UNet3D,
     *,
@@ -232,12 +260,15 @@ def run_training(
     training_data: str | None = None,
     recipe_note: str = "",
     on_step: Callable[[int, float], None] | None = None,
+    case_weights: Sequence[float] | None = None,
 ) -> TrainResult:
     """Optimise ``model`` on ``cases``; write checkpoints, a log and the final weights + card.
 
     ``freeze_encoder_steps``: the encoder (stem and down blocks, BatchNorm statistics
     included) stays fixed for the first steps (fine-tuning). ``training_data`` (default: the
-    case set's description) and ``recipe_note`` go into the model card.
+    case set's description) and ``recipe_note`` go into the model card. ``case_weights``
+    (one per case) skews which cases patches come from; by default cases are drawn
+    uniformly, or per subject with ``settings.balance_subjects``.
     """
     channels = TASK_CHANNELS[task]
     if model.in_channels != len(channels):
@@ -316,9 +347,16 @@ def run_training(
     prefetcher = ThreadPoolExecutor(1, "case-prefetch") if settings.prefetch else None
     prefetching: Future[None] | None = None
 
+    weights = _case_weights(cases, settings, case_weights)
+
     def pool_indices(block: int) -> list[int]:
         pool_rng = np.random.default_rng([settings.seed, 1, block])
-        chosen = pool_rng.choice(len(cases), min(settings.pool_size, len(cases)), replace=False)
+        size = min(settings.pool_size, len(cases))
+        if weights is None:
+            chosen = pool_rng.choice(len(cases), size, replace=False)
+        else:  # cases with zero weight never enter a pool
+            size = min(size, int(np.count_nonzero(weights)))
+            chosen = pool_rng.choice(len(cases), size, replace=False, p=weights)
         return sorted(int(i) for i in chosen)
 
     def prefetch(block: int) -> None:
@@ -370,7 +408,12 @@ def run_training(
                     load_pool(pool_block)
                 rng = np.random.default_rng([settings.seed, 2, step])
                 generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-                patches = sampler.sample_batch(pool_cases, settings.batch_size, rng)
+                patches = sampler.sample_batch(
+                    pool_cases,
+                    settings.batch_size,
+                    rng,
+                    None if weights is None else [weights[i] for i, _ in pool_cases],
+                )
                 images, labels = [], []
                 for patch in patches:
                     image, label = tensors[patch.case_index]
@@ -405,6 +448,7 @@ def run_training(
                     "step": done,
                     "loss": value,
                     "lesion_patches": sum(p.has_lesion for p in patches),
+                    "cases": [cases.case_ids[p.case_index] for p in patches],
                     "lesion_voxel_share": float((targets > 0).float().mean()),
                     "seconds": round(time.perf_counter() - started, 3),
                 }

@@ -12,21 +12,29 @@ __all__ = ["add_training_commands"]
 _TASKS = ["flair", "new_lesions", "enhancing"]
 
 
-def _case_set(args: argparse.Namespace, task: str) -> Any:
-    from lesionwatch.models.datasets import (
-        CaseSet,
-        real_case_set,
-        synthetic_brains,
-        synthetic_case_set,
-    )
+def _synthetic_set(args: argparse.Namespace, task: str) -> Any:
+    from lesionwatch.models.datasets import synthetic_brains, synthetic_case_set
 
     datasets = args.datasets.split(",") if args.datasets else None
+    brains = synthetic_brains(task, args.data_root, datasets=datasets)
+    return synthetic_case_set(task, brains, args.synthetic, args.synthetic_seed)
+
+
+def _real_set(args: argparse.Namespace, task: str) -> Any:
+    from lesionwatch.models.datasets import real_case_set
+
+    datasets = args.datasets.split(",") if args.datasets else None
+    return real_case_set(task, args.data_root, datasets)
+
+
+def _case_set(args: argparse.Namespace, task: str) -> Any:
+    from lesionwatch.models.datasets import CaseSet
+
     parts = []
     if args.synthetic:
-        brains = synthetic_brains(task, args.data_root, datasets=datasets)
-        parts.append(synthetic_case_set(task, brains, args.synthetic, args.synthetic_seed))
+        parts.append(_synthetic_set(args, task))
     if args.real or not args.synthetic:
-        parts.append(real_case_set(task, args.data_root, datasets))
+        parts.append(_real_set(args, task))
     return parts[0] if len(parts) == 1 else CaseSet.concat(parts)
 
 
@@ -43,6 +51,7 @@ def _optimisation(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_threads": args.cpu_threads,
         "checkpoint_every": args.checkpoint_every,
         "version": args.version,
+        "balance_subjects": args.balance_subjects or None,
     }
     if args.no_augment:
         values["augmentation"] = {"enabled": False}
@@ -74,14 +83,26 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from lesionwatch.models.weights import read_card
 
     task = read_card(args.from_weights).task
-    extra = (
+    extra: dict[str, Any] = (
         {"freeze_encoder_steps": args.freeze_encoder_steps}
         if args.freeze_encoder_steps is not None
         else {}
     )
+    if args.rehearsal_fraction:
+        if not args.synthetic:
+            raise SystemExit("--rehearsal-fraction needs --synthetic N cases to rehearse")
+        extra["rehearsal_fraction"] = args.rehearsal_fraction
+        cases, rehearsal = _real_set(args, task), _synthetic_set(args, task)
+    else:
+        cases, rehearsal = _case_set(args, task), None
     settings = FinetuneSettings(**_optimisation(args), **extra)
     result = finetune(
-        args.from_weights, _case_set(args, task), args.out, settings, resume=args.resume
+        args.from_weights,
+        cases,
+        args.out,
+        settings,
+        resume=args.resume,
+        rehearsal=rehearsal,
     )
     print(
         f"wrote {result.weights_path} after {result.steps_done} steps "
@@ -178,6 +199,11 @@ def _optimisation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", help="version written into the model card")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument(
+        "--balance-subjects",
+        action="store_true",
+        help="give every patient the same share of patches, however many visits it has",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
     )
 
@@ -200,6 +226,12 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:  # type
         "--from", dest="from_weights", type=Path, required=True, help="parent weight file"
     )
     finetune.add_argument("--freeze-encoder-steps", type=int)
+    finetune.add_argument(
+        "--rehearsal-fraction",
+        type=float,
+        help="share of patches from the --synthetic cases (guards against forgetting); "
+        "the real cases give the rest",
+    )
     _optimisation_options(finetune)
     _data_options(finetune)
     finetune.set_defaults(handler=_cmd_finetune)

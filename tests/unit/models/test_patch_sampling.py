@@ -10,7 +10,11 @@ from scipy import ndimage
 
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.models.datasets import TrainingCase
-from lesionwatch.models.patch_sampling import PatchSampler, PatchSamplingError
+from lesionwatch.models.patch_sampling import (
+    PatchSampler,
+    PatchSamplingError,
+    subject_balanced_weights,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +96,24 @@ def test_bad_parameters():
         PatchSampler(32, lesion_fraction=1.5)
     with pytest.raises(PatchSamplingError, match="patch size"):
         PatchSampler((32, 32))  # type: ignore[arg-type]
+
+
+def test_subject_balanced_weights_give_each_person_an_equal_share():
+    weights = subject_balanced_weights(["P14", "P14", "P14", "p07", "p19"])
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[:3].sum() == pytest.approx(weights[3]) == pytest.approx(weights[4])
+    with pytest.raises(PatchSamplingError):
+        subject_balanced_weights([])
+
+
+def test_weighted_batches_follow_the_case_weights(case: TrainingCase):
+    sampler = PatchSampler(32)
+    pool = [(0, case), (1, case), (2, case)]
+    rng = np.random.default_rng(5)
+    drawn = [
+        p.case_index for _ in range(300) for p in sampler.sample_batch(pool, 2, rng, [3, 1, 0])
+    ]
+    counts = np.bincount(drawn, minlength=3)
+    assert counts[2] == 0 and 0.65 < counts[0] / len(drawn) < 0.85
+    with pytest.raises(PatchSamplingError, match="weight"):
+        sampler.sample_batch(pool, 2, rng, [1, 1])

@@ -297,3 +297,32 @@ def test_per_case_lesion_load_spans_the_requested_range(
     assert max(loads) > 4 * min(loads)
     with pytest.raises(ValueError, match="median_volume_range_mm3"):
         LesionModel(median_volume_range_mm3=(50.0, 10.0))
+
+
+def test_periventricular_lesions_reach_the_ventricular_wall_only_with_a_rim(
+    brain: dict[str, ImageVolume], tissues: TissueMasks
+) -> None:
+    """With ``ependymal_rim_mm`` periventricular lesions grow up to the ventricles (never into
+    them); without it they stay in white matter and stop short of the wall."""
+    distance = ndimage.distance_transform_edt(~tissues.ventricles)  # 1 mm voxels
+
+    def paint(rim_mm: float) -> np.ndarray:
+        model = LesionModel(
+            max_volume_mm3=500.0,
+            median_volume_mm3=150.0,
+            periventricular_fraction=1.0,
+            ependymal_rim_mm=rim_mm,
+        )
+        result = add_synthetic_lesions(
+            brain["FLAIR"], np.random.default_rng(11), 8, tissues=tissues, model=model
+        )
+        return result.labels.array > 0
+
+    plain, rimmed = paint(0.0), paint(3.0)
+    assert tissues.wm[plain].all()
+    assert not (rimmed & tissues.ventricles).any()
+    outside_wm = rimmed & ~tissues.wm
+    assert outside_wm.any() and distance[outside_wm].max() <= 3.0
+    assert (distance[rimmed] <= 1.5).sum() > 3 * (distance[plain] <= 1.5).sum()
+    with pytest.raises(ValueError, match="ependymal_rim_mm"):
+        LesionModel(ependymal_rim_mm=-1.0)

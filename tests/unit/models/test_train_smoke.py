@@ -194,6 +194,32 @@ def test_finetune_records_parent_and_freezes_encoder(full_run, cases: CaseSet, t
     load_model(result.weights_path, "flair", ["flair"])
 
 
+def test_finetune_rehearses_pretraining_cases_in_the_asked_share(
+    full_run, cases: CaseSet, tmp_path: Path
+):
+    """Half the fine-tuning patches come from the rehearsal set, the rest from the real cases;
+    the card says so, and asking for rehearsal without cases is refused."""
+    settings = FinetuneSettings(
+        **SETTINGS.model_dump(
+            exclude={"task", "depth", "base_width", "dilation", "steps", "balance_subjects"}
+        ),
+        steps=12,
+        rehearsal_fraction=0.5,
+        balance_subjects=True,
+    )
+    site, rehearsal = cases.subset([2]), cases.subset([0, 1])
+    result = finetune(full_run.weights_path, site, tmp_path, settings, rehearsal=rehearsal)
+    assert "rehearsal, 50% of patches" in result.card.training_data
+    assert "each subject an equal share" in result.card.recipe
+    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert len(log) == 12
+    drawn = [case_id for record in log for case_id in record["cases"]]
+    from_site = drawn.count(site.case_ids[0])
+    assert 0 < from_site < len(drawn) and set(drawn) <= {*site.case_ids, *rehearsal.case_ids}
+    with pytest.raises(TrainingError, match="rehearsal"):
+        finetune(full_run.weights_path, site, tmp_path / "again", settings)
+
+
 def test_evaluate_reports_per_case_and_mean_se(full_run, cases: CaseSet, tmp_path: Path):
     settings = EvaluateSettings(device="cpu", cpu_threads=1, step_mm=32, progress=False)
     report = evaluate(full_run.weights_path, cases.subset([0, 1]), settings)
