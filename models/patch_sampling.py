@@ -14,6 +14,7 @@ patches are fixed by its seed.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,11 +65,8 @@ def subject_balanced_weights(subjects: Sequence[str]) -> npt.NDArray[np.float64]
     visits it has: one person's three visits must not outweigh two other people."""
     if not subjects:
         raise PatchSamplingError("no subjects to weight")
-    visits: dict[str, int] = {}
-    for subject in subjects:
-        visits[subject] = visits.get(subject, 0) + 1
-    weights = np.array([1.0 / visits[s] for s in subjects]) / len(visits)
-    return weights / weights.sum()
+    visits = Counter(subjects)
+    return np.array([1.0 / (visits[s] * len(visits)) for s in subjects])
 
 
 class PatchSampler:
