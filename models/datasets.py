@@ -744,6 +744,13 @@ def synthetic_case_set(
             f", periventricular lesions reaching the ventricular wall "
             f"(rim {lesion_model.ependymal_rim_mm:g} mm)"
         )
+    if lesion_model is not None and lesion_model.confluent_count_range[1] > 0:
+        count_low, count_high = lesion_model.confluent_count_range
+        volume_low, volume_high = lesion_model.confluent_volume_range_mm3
+        load_text += (
+            f", plus {count_low}-{count_high} confluent periventricular plaques of "
+            f"{volume_low:g}-{volume_high:g} mm3"
+        )
     description = (
         f"{n_cases} synthetic {task} cases (models.synthetic_lesions, seed {seed}, real "
         f"lesions: {real_lesions}{load_text}) in real brains: {'; '.join(names)}"

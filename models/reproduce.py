@@ -138,6 +138,8 @@ PLANS: dict[str, ReproducePlan] = {
     "flair": ReproducePlan(
         task="flair",
         synthetic_cases=24,
+        # lesion_balance 0.5 (half the lesion patches drawn per lesion, not per voxel) was
+        # measured with the plaques below and is not used: held-out F1 0.346, PPV 0.350.
         pretrain=_pretrain("flair", 1500, patch_size_mm=64),
         # Fine-tuned on the other subjects, the model forgot: P14's three visits (60 % of a
         # fold) rose to Dice 0.78-0.86 while the other subjects fell under 0.15. Sharing
@@ -156,6 +158,12 @@ PLANS: dict[str, ReproducePlan] = {
             "median_volume_range_mm3": (15.0, 400.0),
             "max_volume_mm3": 20000.0,
             "periventricular_fraction": 0.6,
+            # Heavy real loads are mostly confluent plaques (P14: 10 mL plaques; patient19: one
+            # 47 mL band along the ventricles), and this model leaves 99 % of a bright 9.7 mL
+            # plaque out (P14-T1). 0-3 synthetic plaques of 2-20 mL per case
+            # (confluent_count_range) were measured and are not used: held-out Dice rose
+            # 0.448 -> 0.500 and PPV 0.505 -> 0.538 (P14-T1 Dice 0.33 -> 0.63), but lesion-wise
+            # sensitivity fell 0.470 -> 0.322 (F1 0.468 -> 0.376): small lesions were missed.
             # ependymal_rim_mm 3 (periventricular lesions grown up to the ventricular wall) was
             # measured and is not used: held-out Dice 0.417 / F1 0.456 against 0.448 / 0.468.
             # Synthetic lesions already put 11-26 % of their voxels within 3 mm of a ventricle,

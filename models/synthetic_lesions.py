@@ -17,6 +17,9 @@ How a lesion is made (all on the image grid, 1 mm FLAIR in mind but any spacing 
 3. Shape: a priority flood from the centre through white matter only, ordered by an
    ellipsoidal distance plus a smoothed random field, stops at exactly the requested number
    of voxels: ovoid but irregular, one connected piece, never touching another lesion.
+   Optional confluent plaques (``confluent_count_range``) are placed first: several mL,
+   stretched along the ventricular wall, grown through white matter with its small gaps
+   closed, so they come out solid like the plaques of heavily affected patients.
    With ``ependymal_rim_mm`` set, periventricular lesions may also grow through the
    partial-volume rim along the ventricles (never into them), so that like real
    periventricular lesions they reach the ventricular wall.
@@ -91,6 +94,13 @@ class LesionModel:
     # did not call white matter (the ependymal partial-volume rim). Off by default; 3 mm did
     # not raise the FLAIR model's held-out scores (see models/reproduce.py).
     ependymal_rim_mm: float = 0.0
+    # Confluent periventricular lesions (caps and bands along the ventricles, several mL each),
+    # placed first and stretched along the ventricular wall. Real heavy loads are mostly such
+    # plaques (one 47 mL band in open_ms patient19, 10 mL plaques in MSLesSeg P14); scattered
+    # ovoids alone taught the FLAIR model to leave them out. Off by default: (0, 0).
+    confluent_count_range: tuple[int, int] = (0, 0)
+    confluent_volume_range_mm3: tuple[float, float] = (2000.0, 20000.0)
+    confluent_elongation_range: tuple[float, float] = (2.0, 4.0)
     elongation_range: tuple[float, float] = (1.0, 2.5)
     irregularity: float = 0.35
     flair_contrast: tuple[float, float] = (0.3, 0.8)
@@ -113,6 +123,12 @@ class LesionModel:
             raise ValueError("need 0 < median_volume_range_mm3[0] <= median_volume_range_mm3[1]")
         if self.ependymal_rim_mm < 0:
             raise ValueError(f"ependymal_rim_mm must be >= 0, got {self.ependymal_rim_mm}")
+        for name in ("confluent_count_range", "confluent_volume_range_mm3"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high")
+        if not 1.0 <= self.confluent_elongation_range[0] <= self.confluent_elongation_range[1]:
+            raise ValueError("confluent_elongation_range must be (low, high), 1 <= low <= high")
 
     def for_case(self, rng: np.random.Generator) -> LesionModel:
         """This model with the case's own median lesion volume drawn (when a range is set)."""
@@ -374,6 +390,7 @@ class _Context:
     t1: FloatArray | None
     t1_post: FloatArray | None
     brain: BoolArray
+    csf: BoolArray  # ventricles included: plaques may close white-matter gaps, never fill CSF
 
     def reset_images(self) -> None:
         self.flair = self.originals["flair"].copy()
@@ -425,6 +442,7 @@ def _context(
         t1=None,
         t1_post=None,
         brain=tissues.brain,
+        csf=tissues.csf | tissues.ventricles,
     )
     ctx.reset_images()
     return ctx
@@ -486,15 +504,27 @@ def _try_place(
     model: LesionModel,
     n_voxels: int,
     periventricular: bool,
+    *,
+    confluent: bool = False,
 ) -> tuple[tuple[slice, ...], BoolArray, npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
-    pool = ctx.centres_periventricular if periventricular else ctx.centres_any
+    """One lesion of ``n_voxels`` grown from a random centre, or None where it did not fit.
+    Periventricular lesions point away from the ventricular wall (Dawson's fingers);
+    ``confluent`` ones (periventricular too) lie along it."""
+    pool = ctx.centres_periventricular if periventricular or confluent else ctx.centres_any
     centre = pool[rng.integers(len(pool))]
     if ctx.occupied[tuple(centre)]:
         return None
-    axis = _ventricle_normal(ctx, centre) if periventricular else None
+    axis = _ventricle_normal(ctx, centre) if periventricular or confluent else None
+    if confluent and axis is not None:
+        # a random direction in the plane of the wall
+        tangent = _random_unit(rng)
+        tangent -= (tangent @ axis) * axis
+        axis = _unit(tangent) if np.linalg.norm(tangent) > 1e-6 else None
     if axis is None:
         axis = _random_unit(rng)
-    elongation = rng.uniform(*model.elongation_range)
+    elongation = rng.uniform(
+        *(model.confluent_elongation_range if confluent else model.elongation_range)
+    )
     volume_mm3 = n_voxels * ctx.voxel_mm3
     short_mm = (3.0 * volume_mm3 / (4.0 * math.pi * elongation)) ** (1.0 / 3.0)
     long_mm = short_mm * elongation
@@ -506,11 +536,20 @@ def _try_place(
     along = offset_mm @ axis
     across = np.linalg.norm(offset_mm - along[..., None] * axis, axis=-1)
     radius_ellipsoid = np.sqrt((along / long_mm) ** 2 + (across / short_mm) ** 2)
-    noise = ndimage.gaussian_filter(rng.standard_normal(radius_ellipsoid.shape), 1.0)
+    # plaques are solid: coarser, weaker shape noise, and the white matter's small holes
+    # (k-means speckle) closed, so the flood does not leave a lace of spared voxels
+    noise_sigma, irregularity = (
+        (3.0, model.irregularity / 2) if confluent else (1.0, model.irregularity)
+    )
+    noise = ndimage.gaussian_filter(rng.standard_normal(radius_ellipsoid.shape), noise_sigma)
     noise /= max(float(noise.std()), 1e-6)
-    score = (-radius_ellipsoid + model.irregularity * noise).astype(np.float32)
-    region = ctx.periventricular_region if periventricular else ctx.wm
-    allowed = region[box] & ~ctx.occupied[box]
+    score = (-radius_ellipsoid + irregularity * noise).astype(np.float32)
+    region = ctx.periventricular_region if periventricular or confluent else ctx.wm
+    allowed = region[box]
+    if confluent:
+        closed = ndimage.binary_closing(allowed, np.ones((3, 3, 3), bool), iterations=2)
+        allowed = allowed | (closed & ctx.brain[box] & ~ctx.csf[box])
+    allowed = allowed & ~ctx.occupied[box]
     # keep the margin free so soft edges and growth stay inside the box
     inner = np.zeros_like(allowed)
     inner_box = tuple(
@@ -600,7 +639,6 @@ def _place_lesions(
     enhancement_allowed: bool,
 ) -> list[_Placed]:
     placed: list[_Placed] = []
-    neighbourhood = np.ones((3, 3, 3), dtype=bool)
     for index in range(n_lesions):
         requested = _sample_volume_mm3(rng, model)
         n_voxels = max(1, round(requested / ctx.voxel_mm3))
@@ -620,26 +658,83 @@ def _place_lesions(
                 n_voxels, attempt, periventricular = smaller, 0, False
             result = _try_place(ctx, rng, model, n_voxels, periventricular)
             attempt += 1
-        box, mask, centre, axis = result
-        enhancement = EnhancementPattern.NONE
-        if enhancement_allowed and rng.random() < model.enhancing_fraction:
-            ring = rng.random() < model.ring_fraction
-            enhancement = EnhancementPattern.RING if ring else EnhancementPattern.NODULAR
-        info = SyntheticLesion(
-            label=first_label + index,
-            centre_ijk=(int(centre[2]), int(centre[1]), int(centre[0])),
-            requested_volume_mm3=requested,
-            volume_mm3=float(mask.sum()) * ctx.voxel_mm3,
-            long_axis_ijk=(float(axis[2]), float(axis[1]), float(axis[0])),
-            periventricular=periventricular,
-            flair_contrast=float(rng.uniform(*model.flair_contrast)),
-            t1_hypointensity=float(rng.uniform(*model.t1_hypointensity)),
-            enhancement=enhancement,
-            enhancement_strength=float(rng.uniform(*model.t1_post_enhancement)),
-            texture_seed=int(rng.integers(2**31)),
+        placed.append(
+            _commit(
+                ctx,
+                rng,
+                model,
+                result,
+                first_label + index,
+                requested,
+                periventricular,
+                enhancement_allowed,
+            )
         )
-        ctx.occupied[box] |= ndimage.binary_dilation(mask, structure=neighbourhood)
-        placed.append(_Placed(box=box, mask=mask, info=info))
+    return placed
+
+
+def _commit(
+    ctx: _Context,
+    rng: np.random.Generator,
+    model: LesionModel,
+    result: tuple[tuple[slice, ...], BoolArray, npt.NDArray[np.int64], npt.NDArray[np.float64]],
+    label: int,
+    requested: float,
+    periventricular: bool,
+    enhancement_allowed: bool,
+) -> _Placed:
+    """Draw a placed lesion's appearance and close its neighbourhood to later lesions."""
+    box, mask, centre, axis = result
+    enhancement = EnhancementPattern.NONE
+    if enhancement_allowed and rng.random() < model.enhancing_fraction:
+        ring = rng.random() < model.ring_fraction
+        enhancement = EnhancementPattern.RING if ring else EnhancementPattern.NODULAR
+    info = SyntheticLesion(
+        label=label,
+        centre_ijk=(int(centre[2]), int(centre[1]), int(centre[0])),
+        requested_volume_mm3=requested,
+        volume_mm3=float(mask.sum()) * ctx.voxel_mm3,
+        long_axis_ijk=(float(axis[2]), float(axis[1]), float(axis[0])),
+        periventricular=periventricular,
+        flair_contrast=float(rng.uniform(*model.flair_contrast)),
+        t1_hypointensity=float(rng.uniform(*model.t1_hypointensity)),
+        enhancement=enhancement,
+        enhancement_strength=float(rng.uniform(*model.t1_post_enhancement)),
+        texture_seed=int(rng.integers(2**31)),
+    )
+    neighbourhood = np.ones((3, 3, 3), dtype=bool)
+    ctx.occupied[box] |= ndimage.binary_dilation(mask, structure=neighbourhood)
+    return _Placed(box=box, mask=mask, info=info)
+
+
+def _place_confluent(
+    ctx: _Context, rng: np.random.Generator, model: LesionModel, enhancement_allowed: bool
+) -> list[_Placed]:
+    """The case's confluent periventricular plaques (``model.confluent_count_range``), labels
+    from 1. A plaque that finds no room shrinks; one that cannot fit at a third of the range's
+    low end is left out (a brain with small ventricles has room for fewer)."""
+    low_count, high_count = model.confluent_count_range
+    if high_count == 0 or len(ctx.centres_periventricular) == 0:
+        return []
+    placed: list[_Placed] = []
+    low, high = (math.log(v) for v in model.confluent_volume_range_mm3)
+    smallest = model.confluent_volume_range_mm3[0] / 3.0
+    for _ in range(int(rng.integers(low_count, high_count + 1))):
+        requested = math.exp(rng.uniform(low, high))
+        n_voxels = max(1, round(requested / ctx.voxel_mm3))
+        result = None
+        while result is None and n_voxels * ctx.voxel_mm3 >= smallest:
+            for _attempt in range(model.max_attempts):
+                result = _try_place(ctx, rng, model, n_voxels, True, confluent=True)
+                if result is not None:
+                    break
+            n_voxels = int(n_voxels * 0.7)
+        if result is not None:
+            placed.append(
+                _commit(
+                    ctx, rng, model, result, len(placed) + 1, requested, True, enhancement_allowed
+                )
+            )
     return placed
 
 
@@ -719,7 +814,8 @@ def add_synthetic_lesions(
     if n_lesions < 0:
         raise SyntheticLesionError(f"n_lesions must be >= 0, got {n_lesions}")
     ctx = _context(flair, tissues, model, t1, t1_post, avoid)
-    placed = _place_lesions(ctx, rng, model, n_lesions, 1, t1_post is not None)
+    placed = _place_confluent(ctx, rng, model, t1_post is not None)
+    placed += _place_lesions(ctx, rng, model, n_lesions, len(placed) + 1, t1_post is not None)
     enhancing = np.zeros(ctx.shape, dtype=bool) if t1_post is not None else None
     for lesion in placed:
         _render(ctx, lesion.box, lesion.mask, lesion.info, model, enhancing)

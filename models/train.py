@@ -81,7 +81,11 @@ _RESUMABLE_CHANGES = {
 
 
 # settings added after checkpoints were written: left out of the fingerprint while off
-_NEWER_FIELDS_OFF: dict[str, Any] = {"balance_subjects": False, "rehearsal_fraction": 0.0}
+_NEWER_FIELDS_OFF: dict[str, Any] = {
+    "balance_subjects": False,
+    "rehearsal_fraction": 0.0,
+    "lesion_balance": 0.0,
+}
 
 
 class TrainingError(RuntimeError):
@@ -101,6 +105,13 @@ class OptimisationSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     loss: Literal["ce", "dice_ce"] = "ce"
     lesion_fraction: float = Field(0.5, ge=0, le=1, description="share of lesion patches")
+    lesion_balance: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of lesion patches centred on a lesion drawn uniformly over lesions "
+        "(otherwise over lesion voxels, which favours large lesions)",
+    )
     augmentation: AugmentationSettings = Field(default_factory=AugmentationSettings)
     seed: int = 0
     deterministic: bool = Field(True, description="deterministic kernels (slower on GPU)")
@@ -175,10 +186,14 @@ def describe_recipe(settings: OptimisationSettings, patch_vox: tuple[int, int, i
         if aug.enabled
         else "no augmentation"
     )
+    per_lesion = (
+        f" ({settings.lesion_balance:.0%} of them per lesion)" if settings.lesion_balance else ""
+    )
     return (
         f"{settings.steps} steps x batch {settings.batch_size} of {settings.patch_size_mm} mm "
         f"patches ({'x'.join(map(str, patch_vox))} voxels at {settings.spacing_mm} mm), "
         f"{settings.lesion_fraction:.0%} centred near a lesion"
+        f"{per_lesion}"
         f"{', each subject an equal share' if settings.balance_subjects else ''}; "
         f"{augmentation}; loss "
         f"{settings.loss}; Adam lr {settings.learning_rate:g}, weight decay "
@@ -292,7 +307,11 @@ def run_training(
 
     spacing = (settings.spacing_mm,) * 3
     patch_vox = patch_size_voxels(settings.patch_size_mm, spacing, model.size_multiple)
-    sampler = PatchSampler(patch_vox, lesion_fraction=settings.lesion_fraction)
+    sampler = PatchSampler(
+        patch_vox,
+        lesion_fraction=settings.lesion_fraction,
+        lesion_balance=settings.lesion_balance,
+    )
     shifted_channels = [name != "difference" for name in channels]
     # channels-last 3D: oneDNN's fast layout on CPU (1.4-1.8x per step measured), harmless on CUDA
     model.to(device=device, memory_format=torch.channels_last_3d)

@@ -46,6 +46,7 @@ def _optimisation(args: argparse.Namespace) -> dict[str, Any]:
         "learning_rate": args.lr,
         "loss": args.loss,
         "lesion_fraction": args.lesion_fraction,
+        "lesion_balance": args.lesion_balance,
         "seed": args.seed,
         "device": args.device,
         "cpu_threads": args.cpu_threads,
@@ -192,6 +193,12 @@ def _optimisation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="Adam learning rate (seed recipe: 1e-5)")
     parser.add_argument("--loss", choices=["ce", "dice_ce"])
     parser.add_argument("--lesion-fraction", type=float, help="share of patches centred on lesions")
+    parser.add_argument(
+        "--lesion-balance",
+        type=float,
+        help="share of lesion patches centred on a lesion drawn per lesion, not per voxel "
+        "(small lesions as often as large plaques)",
+    )
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--cpu-threads", type=int)

@@ -117,3 +117,37 @@ def test_weighted_batches_follow_the_case_weights(case: TrainingCase):
     assert counts[2] == 0 and 0.65 < counts[0] / len(drawn) < 0.85
     with pytest.raises(PatchSamplingError, match="weight"):
         sampler.sample_batch(pool, 2, rng, [1, 1])
+
+
+def test_lesion_balance_draws_lesions_not_voxels():
+    """One 1000-voxel plaque and nine 8-voxel lesions: voxel draws centre ~93 % of positive
+    patches on the plaque, per-lesion draws ~10 %; off, the random stream is unchanged."""
+    label = np.zeros((64, 64, 64), dtype=np.uint8)
+    label[10:20, 10:20, 10:20] = 1
+    for n in range(9):
+        k = 8 + 5 * n
+        label[k : k + 2, 44:46, 44:46] = 1
+    grid = ImageVolume(label, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    brain = np.ones_like(label, dtype=bool)
+    case = TrainingCase(
+        "toy", "toy", ("flair",), label[None].astype(np.float32), label, brain, grid
+    )
+    plaque = np.zeros_like(label, dtype=bool)
+    plaque[10:20, 10:20, 10:20] = True
+
+    def plaque_share(balance: float, seed: int = 0) -> float:
+        sampler = PatchSampler(8, lesion_fraction=1.0, jitter_fraction=0.0, lesion_balance=balance)
+        patches = sampler.sample_batch([(0, case)], 400, np.random.default_rng(seed))
+        assert all(label[p.centre_kji] for p in patches)
+        return float(np.mean([plaque[p.centre_kji] for p in patches]))
+
+    assert plaque_share(0.0) > 0.85
+    assert 0.04 < plaque_share(1.0) < 0.18
+    assert 0.4 < plaque_share(0.5) < 0.65
+    plain = PatchSampler(8).sample_batch([(0, case)], 50, np.random.default_rng(3))
+    off = PatchSampler(8, lesion_balance=0.0).sample_batch(
+        [(0, case)], 50, np.random.default_rng(3)
+    )
+    assert plain == off
+    with pytest.raises(PatchSamplingError, match="lesion_balance"):
+        PatchSampler(8, lesion_balance=1.5)

@@ -326,3 +326,37 @@ def test_periventricular_lesions_reach_the_ventricular_wall_only_with_a_rim(
     assert (distance[rimmed] <= 1.5).sum() > 3 * (distance[plain] <= 1.5).sum()
     with pytest.raises(ValueError, match="ependymal_rim_mm"):
         LesionModel(ependymal_rim_mm=-1.0)
+
+
+def test_confluent_plaques_are_solid_and_lie_along_the_ventricles(
+    brain: dict[str, ImageVolume], tissues: TissueMasks
+) -> None:
+    """Plaques come first (labels 1..n), large, in one solid piece, near the ventricles and
+    stretched along their wall; the ovoids painted after them keep clear of them."""
+    model = LesionModel(
+        max_volume_mm3=300.0,
+        confluent_count_range=(1, 1),
+        confluent_volume_range_mm3=(1500.0, 2500.0),
+    )
+    _, nearest = ndimage.distance_transform_edt(~tissues.ventricles, return_indices=True)
+    cosines = []
+    for seed in (5, 6, 7, 8):
+        result = add_synthetic_lesions(
+            brain["FLAIR"], np.random.default_rng(seed), 4, tissues=tissues, model=model
+        )
+        info = result.lesions[0]
+        assert len(result.lesions) == 5 and info.periventricular and info.volume_mm3 >= 500.0
+        assert max(lesion.volume_mm3 for lesion in result.lesions[1:]) <= 300.0
+        plaque = result.labels.array == 1
+        assert ndimage.label(plaque, CUBE)[1] == 1
+        assert not (plaque & (tissues.ventricles | tissues.csf)).any()
+        closed = ndimage.binary_closing(plaque, CUBE) | plaque
+        assert closed.sum() < 1.1 * plaque.sum()  # solid, not a lace of white-matter voxels
+        assert not ((result.labels.array > 1) & ndimage.binary_dilation(plaque, CUBE)).any()
+        k, j, i = info.centre_ijk[::-1]
+        outward = np.asarray(info.centre_ijk, dtype=float) - nearest[:, k, j, i][::-1]
+        outward /= np.linalg.norm(outward)
+        cosines.append(abs(float(outward @ np.asarray(info.long_axis_ijk))))
+    assert np.median(cosines) < 0.5  # along the wall, where Dawson's fingers are > 0.8
+    with pytest.raises(ValueError, match="confluent_count_range"):
+        LesionModel(confluent_count_range=(3, 1))
