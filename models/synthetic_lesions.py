@@ -123,10 +123,12 @@ class LesionModel:
             raise ValueError("need 0 < median_volume_range_mm3[0] <= median_volume_range_mm3[1]")
         if self.ependymal_rim_mm < 0:
             raise ValueError(f"ependymal_rim_mm must be >= 0, got {self.ependymal_rim_mm}")
-        for name in ("confluent_count_range", "confluent_volume_range_mm3"):
-            low, high = getattr(self, name)
-            if not 0 <= low <= high:
-                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high")
+        count_low, count_high = self.confluent_count_range
+        if not 0 <= count_low <= count_high:
+            raise ValueError("confluent_count_range must be (low, high) with 0 <= low <= high")
+        volume_low, volume_high = self.confluent_volume_range_mm3
+        if not 0 < volume_low <= volume_high:
+            raise ValueError("confluent_volume_range_mm3 must be (low, high), 0 < low <= high")
         if not 1.0 <= self.confluent_elongation_range[0] <= self.confluent_elongation_range[1]:
             raise ValueError("confluent_elongation_range must be (low, high), 1 <= low <= high")
 

@@ -360,3 +360,5 @@ def test_confluent_plaques_are_solid_and_lie_along_the_ventricles(
     assert np.median(cosines) < 0.5  # along the wall, where Dawson's fingers are > 0.8
     with pytest.raises(ValueError, match="confluent_count_range"):
         LesionModel(confluent_count_range=(3, 1))
+    with pytest.raises(ValueError, match="confluent_volume_range_mm3"):
+        LesionModel(confluent_volume_range_mm3=(0.0, 100.0))
