@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +58,7 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "loocv",
+    "markdown_table",
     "predict_probability",
     "record_metrics_in_card",
 ]
@@ -97,7 +98,8 @@ class EvaluateSettings(BaseModel):
     progress: bool = True
 
 
-def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -134,7 +136,7 @@ class EvaluationReport:
         ]
         summary = self.summary
         rows.append(["**mean ± SE**", *(_mean_se(summary[key]) for _, _, key in _COLUMNS)])
-        return f"{self.model} ({self.task})\n\n" + _markdown(
+        return f"{self.model} ({self.task})\n\n" + markdown_table(
             ["case", *(title for title, _, _ in _COLUMNS)], rows
         )
 
@@ -218,11 +220,13 @@ def record_metrics_in_card(
     prefix: str = "",
     arm: str | None = None,
     evaluation: str | None = None,
+    extra_metrics: Mapping[str, float] | None = None,
 ) -> ModelCard:
     """Store the report's means (``<prefix><metric>_mean``, ``_se``, ``_n``) in the card of
     ``weights``. Only for data the model was not trained on: the card's metrics field is
     "measured on held-out data". For a `LoocvReport`, ``arm`` names the column whose
-    held-out scores are stored; ``evaluation`` (markdown) replaces the card's results text."""
+    held-out scores are stored; ``evaluation`` (markdown) replaces the card's results text;
+    ``extra_metrics`` are stored as they are (e.g. a `SeedSpread`'s)."""
     weights = Path(weights)
     if isinstance(report, LoocvReport):
         if arm is None or arm not in report.arms:
@@ -240,6 +244,7 @@ def record_metrics_in_card(
             metrics[f"{prefix}{name}_n"] = float(value.n)
             if math.isfinite(value.se):
                 metrics[f"{prefix}{name}_se"] = value.se
+    metrics.update(extra_metrics or {})
     update: dict[str, Any] = {"metrics": metrics}
     if evaluation is not None:
         update["evaluation"] = evaluation
@@ -279,7 +284,7 @@ class LoocvReport:
         for arm, results in self.arms.items():
             summary = summarize_cases(results)
             rows.append([arm, *(_mean_se(summary[key]) for _, _, key in _COLUMNS)])
-        return _markdown(["model", *(title for title, _, _ in _COLUMNS)], rows)
+        return markdown_table(["model", *(title for title, _, _ in _COLUMNS)], rows)
 
     def per_case_table(self) -> str:
         rows = [
@@ -287,7 +292,7 @@ class LoocvReport:
             for arm, results in self.arms.items()
             for case in results
         ]
-        return _markdown(["model", "held-out case", *(t for t, _, _ in _COLUMNS)], rows)
+        return markdown_table(["model", "held-out case", *(t for t, _, _ in _COLUMNS)], rows)
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lesionwatch.models.augmentation import AugmentationSettings
 from lesionwatch.models.datasets import (
@@ -46,12 +46,21 @@ from lesionwatch.models.evaluate import (
     record_metrics_in_card,
 )
 from lesionwatch.models.finetune import FinetuneSettings, finetune
-from lesionwatch.models.metrics import summarize_cases
+from lesionwatch.models.metrics import CaseMetrics, summarize_cases
+from lesionwatch.models.seed_spread import SeedSpread
 from lesionwatch.models.synthetic_lesions import LesionModel
 from lesionwatch.models.train import TrainSettings, train
 from lesionwatch.models.weights import card_path_for
 
-__all__ = ["PLANS", "ReproducePlan", "TaskOutcome", "install_weights", "reproduce_task"]
+__all__ = [
+    "PLANS",
+    "ReproducePlan",
+    "TaskOutcome",
+    "install_weights",
+    "reproduce_task",
+    "seed_spread",
+    "spread_section",
+]
 
 _SHIPPED_VERSION = "1.0.0"
 
@@ -75,6 +84,23 @@ class ReproducePlan(BaseModel):
     lesion_model: dict[str, Any] = Field(
         default_factory=dict, description="synthetic LesionModel fields that differ from defaults"
     )
+    spread_seeds: tuple[int, ...] = Field(
+        (),
+        description="further pre-training seeds whose default model is scored on the real cases "
+        "too: the recipe's seed-to-seed spread, reported beside the leave-one-out table",
+    )
+
+    @model_validator(mode="after")
+    def _spread_seeds_are_new(self) -> ReproducePlan:
+        seeds = self.spread_seeds
+        if len(set(seeds)) != len(seeds) or self.pretrain.seed in seeds:
+            raise ValueError(
+                f"spread_seeds {list(seeds)} must be distinct and differ from the "
+                f"pre-training seed {self.pretrain.seed}"
+            )
+        if seeds and self.finetune is None:
+            raise ValueError("spread_seeds needs real labelled cases (a plan with finetune)")
+        return self
 
     def synthetic_lesion_model(self) -> LesionModel | None:
         return LesionModel(**self.lesion_model) if self.lesion_model else None
@@ -150,6 +176,9 @@ PLANS: dict[str, ReproducePlan] = {
         # (PPV 0.08): with 3-4 subjects per fold, fine-tuning follows the scanner it sees.
         finetune=_finetune(600),
         evaluate=_EVALUATE,
+        # Seeds 1 and 2 of this recipe measure how far its held-out scores move by chance;
+        # the section "Training-seed spread" of RESULTS.md holds the figures.
+        spread_seeds=(1, 2),
         # Lesion load varies per case (0.7-34 mL measured on the first 8 cases): with the
         # default light load (~1-3 mL) the model called 5.9 mL on real cases holding 21.8 mL
         # on average, and 4 of the 6 real cases hold 25-50 mL.
@@ -266,6 +295,7 @@ def reproduce_task(
         task=plan.task,
         rehearsal=rehearsal,
     )
+    spread = seed_spread(plan, synthetic, real, task_dir, report_loocv.arms["default"])
     shipped = finetune(
         pretrained.weights_path,
         real,
@@ -275,7 +305,50 @@ def reproduce_task(
         rehearsal=rehearsal,
     )
     return finish_real_task(
-        plan, task_dir, report_loocv, pretrained.weights_path, shipped.weights_path, real
+        plan, task_dir, report_loocv, pretrained.weights_path, shipped.weights_path, real, spread
+    )
+
+
+def seed_spread(
+    plan: ReproducePlan,
+    synthetic: CaseSet,
+    real: CaseSet,
+    task_dir: Path,
+    default_scores: list[CaseMetrics],
+) -> SeedSpread | None:
+    """Pre-train once more per ``plan.spread_seeds`` and score each model on every real case
+    (resumable: trained weights and saved scores are reused); None without spread seeds."""
+    if not plan.spread_seeds:
+        return None
+    runs: dict[int, list[CaseMetrics]] = {plan.pretrain.seed: default_scores}
+    for seed in plan.spread_seeds:
+        run_dir = task_dir / f"pretrain_seed{seed}"
+        scores = run_dir / "real_scores.json"
+        if not scores.is_file():
+            settings = plan.pretrain.model_copy(
+                update={"seed": seed, "name": f"{plan.pretrain.name or plan.task}_seed{seed}"}
+            )
+            trained = train(settings, synthetic, run_dir, resume=True)
+            report = evaluate(trained.weights_path, real, plan.evaluate, task=plan.task)
+            partial = scores.with_name(scores.name + ".writing")  # a crash leaves no half file
+            partial.write_text(
+                json.dumps(report.as_dict(), indent=2, default=str) + "\n", encoding="utf-8"
+            )
+            partial.replace(scores)
+        saved = json.loads(scores.read_text(encoding="utf-8"))
+        runs[seed] = [CaseMetrics.from_dict(row) for row in saved["cases"]]
+    return SeedSpread(runs)
+
+
+def spread_section(plan: ReproducePlan, spread: SeedSpread) -> str:
+    """The RESULTS.md section on the default model's training-seed spread."""
+    return (
+        "\n## Training-seed spread of the default model\n\n"
+        "The pre-training above run again with only the training seed changed (same "
+        f"synthetic and real cases; seed {plan.pretrain.seed} is the default model above), "
+        "each scored on every real case, mean over cases. Two recipes whose scores differ "
+        "by less than this spread have not been told apart.\n\n"
+        f"{spread.table(reference_seed=plan.pretrain.seed)}\n"
     )
 
 
@@ -286,6 +359,7 @@ def finish_real_task(
     pretrained_weights: Path,
     finetuned_weights: Path,
     real: CaseSet,
+    spread: SeedSpread | None = None,
 ) -> TaskOutcome:
     """Write the results text into RESULTS.md and the cards, and choose the model to ship."""
     results = task_dir / "RESULTS.md"
@@ -303,6 +377,8 @@ def finish_real_task(
         f"{report_loocv.comparison_table()}\n\n## Per held-out case\n\n"
         f"{report_loocv.per_case_table()}\n"
     )
+    if spread is not None:
+        body += spread_section(plan, spread)
     results.write_text(_results_text(plan, body), encoding="utf-8")
     record_metrics_in_card(
         finetuned_weights,
@@ -317,6 +393,7 @@ def finish_real_task(
         prefix="real_",
         arm="default",
         evaluation=results.read_text(encoding="utf-8"),
+        extra_metrics=spread.metrics() if spread is not None else None,
     )
     # Ship what scored better on held-out subjects (mean lesion-wise F1, Anima rule): the
     # fine-tuned recipe normally; the pre-trained model when fine-tuning did not help.

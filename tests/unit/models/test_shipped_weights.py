@@ -16,6 +16,7 @@ import pytest
 
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.models.datasets import TASK_CHANNELS
+from lesionwatch.models.reproduce import PLANS
 from lesionwatch.models.weights import file_sha256, load_model, read_card
 from lesionwatch.service.segment_command import DEFAULT_WEIGHTS_DIR
 
@@ -41,6 +42,12 @@ def test_shipped_weights_load_and_carry_their_evidence(task: str) -> None:
         # the leave-one-subject-out table of all three arms, and which one shipped
         assert "from scratch" in card.evaluation and "## Shipped" in card.evaluation
         assert card.metrics["dice_n"] >= 3  # the shipped arm's held-out scores
+        # a plan with spread seeds reports how far its scores move by the seed alone
+        spread_runs = 1 + len(PLANS[task].spread_seeds)
+        if spread_runs > 1:
+            assert "Training-seed spread" in card.evaluation
+            assert card.metrics["seed_spread_anima_f1_n"] == spread_runs
+        assert card.evaluation == results.read_text(encoding="utf-8")
 
 
 def test_shipped_flair_model_finds_the_lesions_of_a_real_flair(

@@ -274,3 +274,47 @@ def test_loocv_scores_every_held_out_case_in_three_arms(full_run, cases: CaseSet
     assert "from scratch" in updated.evaluation
     with pytest.raises(ValueError, match="arms"):
         record_metrics_in_card(copy, report)
+
+
+def test_seed_spread_trains_each_extra_seed_once(
+    full_run, cases: CaseSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from lesionwatch.models import reproduce
+
+    finetune_settings = FinetuneSettings(
+        **SETTINGS.model_dump(exclude={"task", "depth", "base_width", "dilation"})
+    )
+    plan = reproduce.ReproducePlan(
+        task="flair",
+        synthetic_cases=3,
+        pretrain=SETTINGS,
+        finetune=finetune_settings,
+        evaluate=EvaluateSettings(device="cpu", cpu_threads=1, step_mm=32, progress=False),
+        spread_seeds=(1,),
+    )
+    held_out = cases.subset([0, 1])
+    default = list(evaluate(full_run.weights_path, held_out, plan.evaluate).cases)
+    spread = reproduce.seed_spread(plan, cases, held_out, tmp_path, default)
+    assert spread is not None and sorted(spread.runs) == [0, 1]
+    assert spread.runs[0] == default
+    other = tmp_path / "pretrain_seed1" / "flair_seed1.pt"
+    assert not torch.equal(
+        next(iter(load_model(other, "flair", ["flair"])[0].state_dict().values())),
+        next(iter(load_model(full_run.weights_path, "flair", ["flair"])[0].state_dict().values())),
+    )
+    assert "mean ± SD over 2 seeds" in spread.table(reference_seed=0)
+
+    # a rerun reuses the saved scores instead of training again
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(reproduce, "train", no_training)
+    again = reproduce.seed_spread(plan, cases, held_out, tmp_path, default)
+    assert again is not None
+    assert [c.as_dict() for c in again.runs[1]] == [c.as_dict() for c in spread.runs[1]]
+    assert (
+        reproduce.seed_spread(
+            plan.model_copy(update={"spread_seeds": ()}), cases, held_out, tmp_path, default
+        )
+        is None
+    )
