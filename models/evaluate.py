@@ -57,6 +57,7 @@ __all__ = [
     "LoocvSettings",
     "evaluate",
     "evaluate_model",
+    "format_score",
     "loocv",
     "markdown_table",
     "predict_probability",
@@ -105,7 +106,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def _number(value: float) -> str:
+def format_score(value: float) -> str:
+    """A score to 3 decimals; n/a when undefined."""
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
@@ -131,7 +133,7 @@ class EvaluationReport:
     def table(self) -> str:
         """Markdown: one row per case, then mean ± SE."""
         rows = [
-            [case.case_id, *(_number(case.as_dict()[key]) for _, key, _ in _COLUMNS)]
+            [case.case_id, *(format_score(case.as_dict()[key]) for _, key, _ in _COLUMNS)]
             for case in self.cases
         ]
         summary = self.summary
@@ -288,7 +290,7 @@ class LoocvReport:
 
     def per_case_table(self) -> str:
         rows = [
-            [arm, case.case_id, *(_number(case.as_dict()[key]) for _, key, _ in _COLUMNS)]
+            [arm, case.case_id, *(format_score(case.as_dict()[key]) for _, key, _ in _COLUMNS)]
             for arm, results in self.arms.items()
             for case in results
         ]

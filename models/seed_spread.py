@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from lesionwatch.models.evaluate import markdown_table
+from lesionwatch.models.evaluate import format_score, markdown_table
 from lesionwatch.models.metrics import CaseMetrics, summarize_cases
 
 __all__ = ["SPREAD_COLUMNS", "SeedSpread"]
@@ -84,25 +84,28 @@ class SeedSpread:
     def table(self, reference_seed: int | None = None) -> str:
         """Markdown: one row per seed (mean over cases), then mean ± SD and range over seeds."""
 
-        def number(value: float) -> str:
-            return "n/a" if not math.isfinite(value) else f"{value:.3f}"
-
         headers = ["training seed", *(title for title, _ in SPREAD_COLUMNS)]
         rows = []
         for seed, means in sorted(self.run_means().items()):
             label = f"{seed} (reference)" if seed == reference_seed else str(seed)
-            rows.append([label, *(number(means[key]) for _, key in SPREAD_COLUMNS)])
+            rows.append([label, *(format_score(means[key]) for _, key in SPREAD_COLUMNS)])
         spread = self.across_seeds()
         rows.append(
             [
                 f"**mean ± SD over {len(self.runs)} seeds**",
-                *(f"{number(spread[k][0])} ± {number(spread[k][1])}" for _, k in SPREAD_COLUMNS),
+                *(
+                    f"{format_score(spread[k][0])} ± {format_score(spread[k][1])}"
+                    for _, k in SPREAD_COLUMNS
+                ),
             ]
         )
         rows.append(
             [
                 "**range**",
-                *(f"{number(spread[k][2])}-{number(spread[k][3])}" for _, k in SPREAD_COLUMNS),
+                *(
+                    f"{format_score(spread[k][2])}-{format_score(spread[k][3])}"
+                    for _, k in SPREAD_COLUMNS
+                ),
             ]
         )
         return markdown_table(headers, rows)
