@@ -31,9 +31,11 @@ weights: $(STAMP)
 	$(BIN)/lesionwatch reproduce-weights --out build/reproduce-weights --install
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python tests/benchmarks/bench_ingest.py
 	$(BIN)/python tests/benchmarks/bench_sliding_window.py
 	$(BIN)/python tests/benchmarks/bench_training_step.py
+	$(BIN)/python tests/benchmarks/bench_broker.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -26,6 +26,9 @@ __all__ = [
     "LateSeriesPolicy",
     "ListenerConfig",
     "LesionWatchConfig",
+    "MetricsConfig",
+    "PriorityConfig",
+    "WorkerConfig",
     "NewLesionsPipelineConfig",
     "PipelineConfig",
     "PipelinesConfig",
@@ -172,10 +175,16 @@ class ClassificationConfig(_Section):
     use_builtin_rules: bool = True
 
 
+QueueName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
 class PipelineConfig(_Section):
     enabled: bool = True
     required_series: tuple[SeriesClass, ...] = Field(
         (SeriesClass.FLAIR,), min_length=1, description="Series classes the study must contain"
+    )
+    queue: QueueName = Field(
+        "jobs", description="Queue that carries this pipeline's jobs (`lesionwatch work --queue`)"
     )
     weights: Path | None = Field(None, description="Weight file; default is the shipped model")
     min_lesion_volume_mm3: float = Field(3.0, ge=0)
@@ -225,14 +234,106 @@ class InferenceConfig(_Section):
 
 
 class BrokerConfig(_Section):
+    """Where job and delivery messages travel: the embedded queue in the project's database
+    (one machine) or RabbitMQ (many machines)."""
+
     kind: Literal["embedded", "rabbitmq"] = "embedded"
     url: SecretStr | None = Field(None, description="amqp:// URL when kind is rabbitmq")
+    queue_prefix: str = Field(
+        "lesionwatch",
+        min_length=1,
+        max_length=32,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Prefix of every queue and exchange name (RabbitMQ) or queue label",
+    )
+    quorum_queues: bool = Field(
+        False,
+        description="RabbitMQ quorum queues (replicated). RabbitMQ before 4.0 has no priorities "
+        "on quorum queues, so urgent studies are not served first with this on",
+    )
+    heartbeat_s: int = Field(60, ge=0, le=600, description="AMQP heartbeat; 0 disables")
+    consumer_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Per-queue delivery acknowledgement timeout (RabbitMQ 3.12 and newer); "
+        "must exceed worker.job_timeout_s",
+    )
+    connect_timeout_s: float = Field(10.0, gt=0)
+    poll_interval_s: float = Field(
+        1.0, gt=0, description="Embedded queue: longest wait between looks for new messages"
+    )
 
     @model_validator(mode="after")
     def _url_for_rabbitmq(self) -> BrokerConfig:
         if self.kind == "rabbitmq" and self.url is None:
             raise ValueError("broker.url is required when broker.kind is rabbitmq")
+        if self.url is not None:
+            scheme = self.url.get_secret_value().split(":", 1)[0].lower()
+            if scheme not in ("amqp", "amqps"):
+                raise ValueError(f"broker.url must be an amqp:// or amqps:// URL, not {scheme}://")
         return self
+
+
+class WorkerConfig(_Section):
+    """The processes that run jobs: how many, what they take, and when they give up."""
+
+    concurrency: int = Field(
+        1, ge=1, le=64, description="Worker processes `lesionwatch serve` / `work` start"
+    )
+    queues: tuple[QueueName, ...] = Field(
+        ("jobs",), min_length=1, description="Queues a worker takes jobs from by default"
+    )
+    report_queue: QueueName = Field(
+        "jobs",
+        description="Queue of the study report jobs (light, no GPU): the SR that gathers every "
+        "pipeline's result of a study",
+    )
+    job_timeout_s: float = Field(
+        1200.0, gt=0, description="A job running longer is stopped and counts as a failed attempt"
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="Attempts (first run included) before a job is dead-lettered"
+    )
+    retry_initial_delay_s: float = Field(30.0, ge=0)
+    retry_backoff_factor: float = Field(4.0, ge=1)
+    retry_max_delay_s: float = Field(1800.0, ge=0)
+    lease_s: float = Field(
+        60.0,
+        ge=3,
+        description="A running job's claim; renewed every lease_s/3, taken over by another "
+        "worker when its holder stops renewing it (crash, power loss)",
+    )
+    shutdown_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="On SIGTERM, how long the current job may run on before it is requeued",
+    )
+
+    @model_validator(mode="after")
+    def _delays_ordered(self) -> WorkerConfig:
+        if self.retry_max_delay_s < self.retry_initial_delay_s:
+            raise ValueError("retry_max_delay_s must be at least retry_initial_delay_s")
+        return self
+
+
+class PriorityConfig(_Section):
+    """Which studies jump the queue (RabbitMQ message priority / embedded queue order)."""
+
+    urgent_calling_ae_titles: tuple[str, ...] = Field(
+        (), description="Studies sent by these AE titles (e.g. the emergency scanner) are urgent"
+    )
+    urgent_procedure_priorities: tuple[str, ...] = Field(
+        ("STAT", "HIGH"),
+        description="Requested Procedure Priority (0040,1003) values that make a study urgent",
+    )
+
+
+class MetricsConfig(_Section):
+    """Prometheus metrics at /metrics and a health check at /healthz."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 for a remote scraper")
+    port: int = Field(9464, ge=0, le=65535, description="0 picks a free port (logged at start)")
 
 
 class ClientTlsConfig(_Section):
@@ -335,6 +436,9 @@ class LesionWatchConfig(_Section):
     pipelines: PipelinesConfig = PipelinesConfig()
     inference: InferenceConfig = InferenceConfig()
     broker: BrokerConfig = BrokerConfig()
+    worker: WorkerConfig = WorkerConfig()
+    priority: PriorityConfig = PriorityConfig()
+    metrics: MetricsConfig = MetricsConfig()
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = DeliveryConfig()
     results: ResultsConfig = ResultsConfig()
@@ -351,6 +455,17 @@ class LesionWatchConfig(_Section):
             repeated = ", ".join(duplicates)
             raise ValueError(f"destination names must be unique; repeated: {repeated}")
         return value
+
+    @model_validator(mode="after")
+    def _timeouts_fit(self) -> LesionWatchConfig:
+        if self.broker.kind == "rabbitmq" and (
+            self.broker.consumer_timeout_s <= self.worker.job_timeout_s
+        ):
+            raise ValueError(
+                "broker.consumer_timeout_s must exceed worker.job_timeout_s, or RabbitMQ "
+                "closes the channel of a worker still running a long job"
+            )
+        return self
 
     def database_url(self) -> str:
         """The effective SQLAlchemy URL (SQLite inside the data dir unless one is configured)."""

@@ -1,9 +1,14 @@
-"""All result objects of one job: SEG per source series, SR, secondary captures, JSON.
+"""Result objects: one SEG (+ secondary captures) per finding type, one SR per study.
 
-The one entry point the worker calls. Every UID comes from `derive_uid(job_key, role)`, so
-building the results of the same job twice gives identical UIDs and a re-send replaces what
-the PACS already has. Objects are returned in send order: SEGs first, then secondary
-captures, then the SR (which references the SEGs).
+A pipeline job calls `build_finding_objects` for its finding type (the SEG on the grid of
+its source series, and the labelled secondary-capture fallback); the study's report job calls
+`build_study_report` with every finding type that ran (the TID 1500 SR and the JSON export).
+`build_result_objects` does both at once (offline `segment --dicom-out`, tests).
+
+Every UID comes from `derive_uid(key, role)` where the key names the study (the role names
+the finding type and object), so re-processing a study gives the very same UIDs: a new
+version replaces the old one at a PACS rather than adding a second SEG or report. Objects are
+in send order: SEG, then secondary captures, then the SR (which references the SEGs).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from lesionwatch.config.schema import ResultsConfig
-from lesionwatch.dicom_io.codes import FindingType
+from lesionwatch.dicom_io.codes import FINDING_CONCEPTS, FindingType
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.dicom_io.output_uids import derive_uid
 from lesionwatch.dicom_io.result_json import build_result_json
@@ -42,13 +47,18 @@ __all__ = [
     "AnalysisNote",
     "AnalysisState",
     "FindingInput",
+    "FindingObjects",
+    "FindingReport",
     "FindingType",
     "JobIdentity",
     "LesionMeasurement",
     "PriorStudyReference",
     "ResultObjects",
     "ResultsInputError",
+    "build_finding_objects",
     "build_result_objects",
+    "build_study_report",
+    "series_numbers",
 ]
 
 
@@ -69,9 +79,13 @@ class FindingInput:
 
 @dataclass(frozen=True)
 class JobIdentity:
-    """What makes a job's output UIDs: the same key always gives the same UIDs."""
+    """What makes the output UIDs: the same key always gives the same UIDs.
 
-    job_key: str  # e.g. f"{study_uid}/{pipeline}/{model_version}" or the job row's key
+    The service uses the Study Instance UID, so every version of a study's results keeps its
+    UIDs (a PACS replaces rather than adds); offline runs add what they ran with.
+    """
+
+    job_key: str
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,40 @@ def _software_version() -> str:
         return "unknown"
 
 
+@dataclass(frozen=True)
+class FindingObjects:
+    """What one finding type produced: its SEG, its fallback images, and its report entry."""
+
+    finding_type: FindingType
+    segmentation: Dataset | None
+    secondary_captures: tuple[Dataset, ...]
+    report_entry: FindingReport  # lesions with their tracking UIDs, the SEG segment
+    capture_slices: tuple[int, ...] = ()  # source slice index of each secondary capture
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        seg = [self.segmentation] if self.segmentation is not None else []
+        return [*seg, *self.secondary_captures]
+
+
+def series_numbers(finding_type: FindingType, config: ResultsConfig) -> tuple[int, int]:
+    """(SEG, secondary capture) series numbers of a finding type: fixed per type, so that a
+    viewer shows them in the same place in every study; the SR is base + 20."""
+    index = list(FindingType).index(finding_type) + 1
+    return config.series_number_base + index, config.series_number_base + 10 + index
+
+
+def _check_finding(finding: FindingInput) -> None:
+    if not finding.source_series:
+        raise ResultsInputError(f"{finding.finding_type.value}: the source series is empty")
+    series_uids = {str(ds.SeriesInstanceUID) for ds in finding.source_series}
+    if len(series_uids) != 1:
+        raise ResultsInputError(
+            f"{finding.finding_type.value}: source images come from {len(series_uids)} "
+            f"series ({sorted(series_uids)}); one series per finding type"
+        )
+
+
 def _check(findings: Sequence[FindingInput]) -> None:
     if not findings:
         raise ResultsInputError("no findings to report: pass at least one finding type")
@@ -104,17 +152,143 @@ def _check(findings: Sequence[FindingInput]) -> None:
         if finding.finding_type in seen:
             raise ResultsInputError(f"finding type {finding.finding_type.value} given twice")
         seen.add(finding.finding_type)
-        if not finding.source_series:
-            raise ResultsInputError(f"{finding.finding_type.value}: the source series is empty")
-        series_uids = {str(ds.SeriesInstanceUID) for ds in finding.source_series}
-        if len(series_uids) != 1:
-            raise ResultsInputError(
-                f"{finding.finding_type.value}: source images come from {len(series_uids)} "
-                f"series ({sorted(series_uids)}); one series per finding type"
-            )
+        _check_finding(finding)
         studies |= {str(ds.StudyInstanceUID) for ds in finding.source_series}
     if len(studies) != 1:
         raise ResultsInputError(f"source series belong to several studies: {sorted(studies)}")
+
+
+def _equipment(config: ResultsConfig) -> Equipment:
+    return Equipment(
+        manufacturer=config.manufacturer,
+        model_name=config.model_name,
+        software_versions=_software_version(),
+    )
+
+
+def build_finding_objects(
+    finding: FindingInput,
+    *,
+    job: JobIdentity,
+    config: ResultsConfig | None = None,
+    also_capture_slices: Sequence[int] = (),
+) -> FindingObjects:
+    """The SEG (one segment) and secondary captures of one finding type, as `config` says.
+
+    `also_capture_slices`: slices an earlier version had captures of; they are rendered again
+    (same UIDs) so that a PACS replaces every capture of the earlier version.
+    """
+    config = config or ResultsConfig()
+    _check_finding(finding)
+    equipment = _equipment(config)
+    kind = finding.finding_type.value
+
+    def uid(role: str) -> str:
+        return derive_uid(job.job_key, role, config.uid_prefix)
+
+    seg_number, sc_number = series_numbers(finding.finding_type, config)
+    label = FINDING_CONCEPTS[finding.finding_type].label
+    source = sort_by_slice(finding.source_series, finding.mask)
+    series_uid = str(source[0].SeriesInstanceUID)
+    seg: Dataset | None = None
+    if config.seg:
+        seg = build_segmentation(
+            source,
+            [
+                SegmentInput(
+                    finding.finding_type,
+                    finding.mask,
+                    finding.algorithm,
+                    uid(f"tracking/segment/{kind}"),
+                )
+            ],
+            series_instance_uid=uid(f"seg/{kind}/series"),
+            sop_instance_uid=uid(f"seg/{kind}/instance"),
+            series_number=seg_number,
+            equipment=equipment,
+            series_description=f"LesionWatch {label} (computer-generated)",
+        )
+    lesions = [
+        item if isinstance(item, LesionMeasurement) else LesionMeasurement.from_lesion(item)
+        for item in finding.lesions
+    ]
+    lesions = [
+        lesion
+        if lesion.tracking_uid
+        else replace(lesion, tracking_uid=uid(f"tracking/{kind}/{lesion.lesion_id}"))
+        for lesion in lesions
+    ]
+    entry = FindingReport(finding.finding_type, lesions, seg, 1, series_uid, finding.algorithm)
+    captures: list[Dataset] = []
+    if config.secondary_capture:
+        captures = list(
+            build_secondary_captures(
+                source,
+                [OverlayLayer(finding.finding_type, finding.mask, len(finding.lesions))],
+                series_instance_uid=uid(f"sc/{kind}/series"),
+                instance_uid=lambda k: uid(f"sc/{kind}/instance/{k}"),
+                series_number=sc_number,
+                equipment=equipment,
+                algorithm_text=f"{finding.algorithm.name} {finding.algorithm.version}",
+                all_slices=config.secondary_capture_all_slices,
+                also_slices=also_capture_slices,
+            )
+        )
+    slice_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(source)}
+    slices = tuple(
+        slice_of[str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)] for sc in captures
+    )
+    return FindingObjects(finding.finding_type, seg, tuple(captures), entry, slices)
+
+
+def build_study_report(
+    entries: Sequence[FindingReport],
+    evidence: Sequence[Dataset],
+    *,
+    job: JobIdentity,
+    config: ResultsConfig | None = None,
+    prior: PriorStudyReference | None = None,
+    notes: Sequence[AnalysisNote] = (),
+    objects: Sequence[Dataset] = (),
+) -> tuple[Dataset | None, dict[str, Any] | None]:
+    """The study's SR and JSON export over every finding type in `entries`.
+
+    `evidence` holds the current source images the findings rest on (the first names patient
+    and study); `objects` lists the SEG and secondary captures already sent, for the JSON.
+    """
+    config = config or ResultsConfig()
+    if not entries:
+        raise ResultsInputError("no findings to report: pass at least one finding type")
+    kinds = [entry.finding_type for entry in entries]
+    if len(set(kinds)) != len(kinds):
+        raise ResultsInputError(f"a finding type is given twice: {[k.value for k in kinds]}")
+    equipment = _equipment(config)
+    report = None
+    if config.sr:
+        report = build_measurement_report(
+            entries,
+            evidence,
+            job_key=job.job_key,
+            series_instance_uid=derive_uid(job.job_key, "sr/series", config.uid_prefix),
+            sop_instance_uid=derive_uid(job.job_key, "sr/instance", config.uid_prefix),
+            series_number=config.series_number_base + 20,
+            equipment=equipment,
+            prior=prior,
+            notes=notes,
+            uid_prefix=config.uid_prefix,
+        )
+    export = None
+    if config.json_export:
+        export = build_result_json(
+            job_key=job.job_key,
+            current=evidence[0],
+            findings=entries,
+            objects=[*objects, *([report] if report is not None else [])],
+            equipment=equipment,
+            prior=prior,
+            notes=notes,
+        )
+    return report, export
 
 
 def build_result_objects(
@@ -125,100 +299,27 @@ def build_result_objects(
     prior: PriorStudyReference | None = None,
     notes: Sequence[AnalysisNote] = (),
 ) -> ResultObjects:
-    """SEG, SR, secondary captures and JSON for one job, as `config` switches them on."""
+    """Every object of a set of findings at once: the SEGs and captures of each finding type,
+    then the SR over all of them (the path the worker takes in two steps)."""
     config = config or ResultsConfig()
     _check(findings)
-    equipment = Equipment(
-        manufacturer=config.manufacturer,
-        model_name=config.model_name,
-        software_versions=_software_version(),
-    )
-
-    def uid(role: str) -> str:
-        return derive_uid(job.job_key, role, config.uid_prefix)
-
-    # Group finding types by source series: one SEG (and one SC series) per source series.
-    by_series: dict[str, list[FindingInput]] = {}
-    for finding in findings:
-        by_series.setdefault(str(finding.source_series[0].SeriesInstanceUID), []).append(finding)
-
-    segmentations: list[Dataset] = []
-    secondary_captures: list[Dataset] = []
-    reports: list[FindingReport] = []
+    per_type = [build_finding_objects(f, job=job, config=config) for f in findings]
     evidence: list[Dataset] = []
-    for n, (series_uid, group) in enumerate(by_series.items(), start=1):
-        source = sort_by_slice(group[0].source_series, group[0].mask)
-        evidence += source
-        seg: Dataset | None = None
-        if config.seg:
-            seg = build_segmentation(
-                source,
-                [
-                    SegmentInput(f.finding_type, f.mask, f.algorithm, uid(f"tracking/segment/{t}"))
-                    for f in group
-                    for t in [f.finding_type.value]
-                ],
-                series_instance_uid=uid(f"seg/series/{series_uid}"),
-                sop_instance_uid=uid(f"seg/instance/{series_uid}"),
-                series_number=config.series_number_base + n,
-                equipment=equipment,
-            )
-            segmentations.append(seg)
-        for number, f in enumerate(group, start=1):
-            lesions = [
-                item if isinstance(item, LesionMeasurement) else LesionMeasurement.from_lesion(item)
-                for item in f.lesions
-            ]
-            lesions = [
-                lesion
-                if lesion.tracking_uid
-                else replace(
-                    lesion, tracking_uid=uid(f"tracking/{f.finding_type}/{lesion.lesion_id}")
-                )
-                for lesion in lesions
-            ]
-            reports.append(
-                FindingReport(f.finding_type, lesions, seg, number, series_uid, f.algorithm)
-            )
-        if config.secondary_capture:
-            algorithms = dict.fromkeys(f"{f.algorithm.name} {f.algorithm.version}" for f in group)
-            secondary_captures += build_secondary_captures(
-                source,
-                [OverlayLayer(f.finding_type, f.mask, len(f.lesions)) for f in group],
-                series_instance_uid=uid(f"sc/series/{series_uid}"),
-                instance_uid=lambda k, s=series_uid: uid(f"sc/instance/{s}/{k}"),
-                series_number=config.series_number_base + 10 + n,
-                equipment=equipment,
-                algorithm_text=", ".join(algorithms),
-                all_slices=config.secondary_capture_all_slices,
-            )
-
-    report = None
-    if config.sr:
-        report = build_measurement_report(
-            reports,
-            evidence,
-            job_key=job.job_key,
-            series_instance_uid=uid("sr/series"),
-            sop_instance_uid=uid("sr/instance"),
-            series_number=config.series_number_base + 20,
-            equipment=equipment,
-            prior=prior,
-            notes=notes,
-            uid_prefix=config.uid_prefix,
-        )
-    objects = ResultObjects(tuple(segmentations), tuple(secondary_captures), report)
-    if config.json_export:
-        objects = replace(
-            objects,
-            json=build_result_json(
-                job_key=job.job_key,
-                current=evidence[0],
-                findings=reports,
-                objects=objects.datasets,
-                equipment=equipment,
-                prior=prior,
-                notes=notes,
-            ),
-        )
-    return objects
+    seen: set[str] = set()
+    for finding in findings:
+        for ds in sort_by_slice(finding.source_series, finding.mask):
+            if str(ds.SOPInstanceUID) not in seen:
+                seen.add(str(ds.SOPInstanceUID))
+                evidence.append(ds)
+    segs = tuple(o.segmentation for o in per_type if o.segmentation is not None)
+    captures = tuple(sc for o in per_type for sc in o.secondary_captures)
+    report, export = build_study_report(
+        [o.report_entry for o in per_type],
+        evidence,
+        job=job,
+        config=config,
+        prior=prior,
+        notes=notes,
+        objects=[*segs, *captures],
+    )
+    return ResultObjects(segs, captures, report, export)

@@ -3,8 +3,10 @@
 A C-STORE success is returned only after the instance file is fsynced and renamed into the
 archive (and its directory fsynced) and then its database row is committed; with SQLite the
 commit is a WAL commit without fsync, and the archive makes the index recoverable after an OS
-crash or power loss (:mod:`lesionwatch.service.reconcile`). Anything wrong with one request
-becomes a failure status with an Error Comment for the sender; the listener keeps serving.
+crash or power loss (:mod:`lesionwatch.service.reconcile`). A :class:`Recorder` may defer the
+row while the database is unavailable: the durable file is then answered with success.
+Anything wrong with one request becomes a failure status with an Error Comment for the sender;
+the listener keeps serving.
 
 The per-instance path is kept lean (it runs for every image of every study): the header is
 parsed from the received bytes in place, the File Meta Information is encoded directly, the
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from io import BytesIO
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from pydicom import Dataset, dcmread, uid
 from pydicom.datadict import tag_for_keyword
@@ -51,12 +53,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from lesionwatch.config.schema import ListenerConfig, StorageConfig, TlsConfig
 
 from .access_control import CallerPolicy
-from .archive import Archive, ArchiveError, OutOfSpaceError
+from .archive import Archive, ArchivedInstance, ArchiveError, OutOfSpaceError
 
 if TYPE_CHECKING:
-    from lesionwatch.service.ingest import InstanceRecorder, RecordResult
+    from lesionwatch.service.ingest import RecordResult
 
 __all__ = [
+    "Recorder",
     "STORAGE_SOP_CLASSES",
     "StoreSCP",
     "StoreStatus",
@@ -249,6 +252,24 @@ class _PolicyAE(AE):
         raise AttributeError("the calling AE allow-list comes from listener.allowed_callers")
 
 
+class Recorder(Protocol):
+    """Records an archived instance in the database (``service.ingest.InstanceRecorder``).
+
+    ``None``: recording was deferred (``service.record_backlog.BufferedRecorder`` while the
+    database is unavailable); the instance is durable in the archive and the recorder reports
+    it itself once recorded.
+    """
+
+    def record(
+        self,
+        dataset: Dataset,
+        archived: ArchivedInstance,
+        *,
+        transfer_syntax_uid: str,
+        calling_ae_title: str = "",
+    ) -> RecordResult | None: ...
+
+
 class StoreSCP:
     """LesionWatch's C-STORE/C-ECHO listener.
 
@@ -257,20 +278,25 @@ class StoreSCP:
     listener, storage:
         Configuration sections.
     recorder:
-        Records each archived instance in the database (:class:`InstanceRecorder`).
+        Records each archived instance in the database (:class:`Recorder`).
     on_recorded:
         Called after an instance is archived and recorded (e.g. to start a prior lookup on a
-        new study); its exceptions are logged and never change the C-STORE status.
+        new study), not when the recorder deferred it; its exceptions are logged and never
+        change the C-STORE status.
+    on_outcome:
+        Called with "stored" or "refused" for every C-STORE request (metrics).
     """
 
     def __init__(
         self,
         listener: ListenerConfig,
         storage: StorageConfig,
-        recorder: InstanceRecorder,
+        recorder: Recorder,
         on_recorded: Callable[[RecordResult], None] | None = None,
+        on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.listener = listener
+        self.on_outcome = on_outcome
         self.archive = Archive(
             storage.data_dir,
             fsync=storage.fsync,
@@ -387,6 +413,8 @@ class StoreSCP:
         )
 
     def _count(self, event: Event, stored: bool) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome("stored" if stored else "refused")
         with self._tally_lock:
             tally = self._tallies.get(id(event.assoc))
             if tally is not None:
@@ -468,7 +496,7 @@ class StoreSCP:
             transfer_syntax_uid=str(transfer_syntax),
             calling_ae_title=event.assoc.requestor.ae_title,
         )
-        if self.on_recorded is not None:
+        if result is not None and self.on_recorded is not None:
             try:
                 self.on_recorded(result)
             except Exception:

@@ -12,7 +12,7 @@ none, so the reader still sees the result); `all_slices` renders every slice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -128,8 +128,14 @@ def build_secondary_captures(
     equipment: Equipment,
     algorithm_text: str,
     all_slices: bool = False,
+    also_slices: Iterable[int] = (),
 ) -> list[hd.sc.SCImage]:
-    """Secondary-capture images of one source series; `instance_uid(k)` names slice k's image."""
+    """Secondary-capture images of one source series; `instance_uid(k)` names slice k's image.
+
+    Slices with a lesion are rendered (the middle slice when there is none), every slice with
+    `all_slices`, plus `also_slices`: the slices an earlier version of these results showed,
+    so that re-processing replaces each of them (same UID) instead of leaving a stale outline.
+    """
     if not layers:
         raise ValueError("build_secondary_captures needs at least one overlay layer")
     grid = layers[0].mask
@@ -145,6 +151,7 @@ def build_secondary_captures(
 
     with_lesions = [k for k in range(len(ks)) if any(m[k].any() for _, m in masks)]
     chosen = list(range(len(ks))) if all_slices else with_lesions or [len(ks) // 2]
+    chosen = sorted(set(chosen) | {k for k in also_slices if 0 <= k < len(ks)})
     counts = ", ".join(
         f"{FINDING_CONCEPTS[layer.finding_type].label}: {layer.lesion_count}" for layer in layers
     )
@@ -154,10 +161,15 @@ def build_secondary_captures(
         description = source.get("SeriesDescription", "")
         header = [
             f"Slice {k + 1}/{len(ks)} | {algorithm_text} | {description}"[:90],
-            counts if with_lesions else f"No lesions detected ({counts})",
+            counts
+            if k in with_lesions
+            else f"No lesion on this slice ({counts})"
+            if with_lesions
+            else f"No lesions detected ({counts})",
         ]
         outlines = [(f, m[k]) for f, m in masks]
         pixels = render_slice(volume[k], _window(source, volume), outlines, header)
+        orientation = patient_orientation(source)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
             pixel_array=pixels,
@@ -169,8 +181,11 @@ def build_secondary_captures(
             sop_instance_uid=instance_uid(k),
             instance_number=number,
             manufacturer=equipment.manufacturer,
-            patient_orientation=patient_orientation(source),
+            # highdicom takes one letter per direction; oblique slices get the full letters
+            # (most significant first, PS3.3 C.7.6.1.1.1) written below.
+            patient_orientation=(orientation[0][0], orientation[1][0]),
         )
+        sc.PatientOrientation = list(orientation)
         sc.ConversionType = "WSD"  # workstation: rendered by software, not digitised film
         sc.BurnedInAnnotation = "YES"
         # Laterality (type 2C) is absent for an unpaired body part, which validators can

@@ -65,6 +65,9 @@ class AnalysisState(enum.StrEnum):
     NO_PRIOR_AVAILABLE = "no_prior_available"
     SERIES_MISSING = "series_missing"
     QUALITY_WARNING = "quality_warning"
+    ANALYSIS_FAILED = "analysis_failed"  # a pipeline ran and failed, or was stopped
+    NOT_ENABLED = "not_enabled"  # the site switched the pipeline off
+    REPORT_VERSION = "report_version"  # this report replaces an earlier version
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,9 @@ class AnalysisNote:
             AnalysisState.NO_PRIOR_AVAILABLE: "No prior study available",
             AnalysisState.SERIES_MISSING: "Series missing",
             AnalysisState.QUALITY_WARNING: "Quality warning",
+            AnalysisState.ANALYSIS_FAILED: "Not assessed",
+            AnalysisState.NOT_ENABLED: "Not assessed",
+            AnalysisState.REPORT_VERSION: "Revised report",
         }[self.state]
         return f"{heading}: {self.detail}" if self.detail else heading
 

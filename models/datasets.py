@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -50,8 +50,8 @@ from lesionwatch.models.synthetic_lesions import (
     estimate_tissues,
     make_new_lesion_pair,
 )
+from lesionwatch.pipelines.channels import TASK_CHANNELS, build_channels
 from lesionwatch.pipelines.steps.bias_correction import correct_bias_field
-from lesionwatch.pipelines.steps.normalisation import zscore_in_mask
 from lesionwatch.pipelines.steps.resampling import (
     Grid,
     Interpolation,
@@ -85,11 +85,6 @@ __all__ = [
 TaskName = Literal["flair", "new_lesions", "enhancing"]
 RealLesionHandling = Literal["inpaint", "label", "avoid"]
 
-TASK_CHANNELS: dict[str, tuple[str, ...]] = {
-    "flair": ("flair",),
-    "new_lesions": ("prior_flair_registered", "current_flair", "difference"),
-    "enhancing": ("t1_pre", "t1_post", "difference"),
-}
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _OPEN_MS_CITATION = "open_ms_data (Lesjak et al., Neuroinformatics 2016/2017, CC-BY)"
@@ -140,32 +135,6 @@ class TrainingCase:
     def label_volume(self, array: npt.NDArray[np.generic] | None = None) -> ImageVolume:
         """`array` (default: the label) as an ImageVolume on this case's grid."""
         return self.grid.with_array(self.label if array is None else array)
-
-
-def _zscore(volume: ImageVolume, brain: ImageVolume) -> npt.NDArray[np.float32]:
-    return zscore_in_mask(volume.with_array(volume.array.astype(np.float32)), brain).array
-
-
-def build_channels(
-    task: str, volumes: Mapping[str, ImageVolume], brain: ImageVolume
-) -> npt.NDArray[np.float32]:
-    """The task's input channels (C, Z, Y, X) from intensity volumes on one grid.
-
-    Each acquisition is z-scored inside ``brain``; a ``difference`` channel is the later (or
-    post-contrast) minus the earlier (pre-contrast) z-scored image, 0 outside the brain.
-    ``volumes`` keys: flair: ``flair``; new_lesions: ``prior_flair_registered``,
-    ``current_flair``; enhancing: ``t1_pre``, ``t1_post``.
-    """
-    if task not in TASK_CHANNELS:
-        raise DatasetError(f"unknown task {task!r}; use one of {sorted(TASK_CHANNELS)}")
-    needed = [name for name in TASK_CHANNELS[task] if name != "difference"]
-    missing = [name for name in needed if name not in volumes]
-    if missing:
-        raise DatasetError(f"task {task} needs volumes {needed}; missing {missing}")
-    arrays = [_zscore(volumes[name], brain) for name in needed]
-    if "difference" in TASK_CHANNELS[task]:
-        arrays.append((arrays[1] - arrays[0]) * (brain.array > 0))
-    return np.stack(arrays).astype(np.float32, copy=False)
 
 
 # --- real data --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Both T1s are preprocessed (N4, isotropic working grid, brain mask, z-score), the
 pre-contrast T1 is rigidly registered onto the post-contrast one (same session: only patient
-motion between them), and `models.datasets.build_channels` makes the network input exactly as
+motion between them), and `pipelines.channels.build_channels` makes the network input exactly as
 in training: pre and post z-scored in the post-contrast brain, plus post minus pre. Lesions
 are measured on the working grid; mask, labels and probability come back on the T1-post
 source grid.
@@ -14,9 +14,9 @@ from typing import TypeAlias
 
 from lesionwatch.config.schema import InferenceConfig, PipelineConfig
 from lesionwatch.dicom_io.image_volume import ImageVolume
-from lesionwatch.models.datasets import TASK_CHANNELS, build_channels
 from lesionwatch.models.unet3d import UNet3D
 from lesionwatch.models.weights import ModelCard
+from lesionwatch.pipelines.channels import TASK_CHANNELS, build_channels
 from lesionwatch.pipelines.lesion_inference import (
     LesionSegmentation,
     check_task_card,

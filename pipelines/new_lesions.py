@@ -1,7 +1,7 @@
 """The new-lesion pipeline: lesions present on the current FLAIR and absent on the prior one.
 
 Both FLAIRs are preprocessed (N4, isotropic working grid, brain mask, z-score), the prior is
-registered onto the current one (affine by default), and `models.datasets.build_channels`
+registered onto the current one (affine by default), and `pipelines.channels.build_channels`
 makes the network input exactly as in training: prior and current z-scored in the current
 brain, plus their difference. Lesions are measured on the working grid; mask, labels and
 probability come back on the current FLAIR's source grid.
@@ -13,9 +13,9 @@ from typing import TypeAlias
 
 from lesionwatch.config.schema import InferenceConfig, NewLesionsPipelineConfig, PipelineConfig
 from lesionwatch.dicom_io.image_volume import ImageVolume
-from lesionwatch.models.datasets import TASK_CHANNELS, build_channels
 from lesionwatch.models.unet3d import UNet3D
 from lesionwatch.models.weights import ModelCard
+from lesionwatch.pipelines.channels import TASK_CHANNELS, build_channels
 from lesionwatch.pipelines.lesion_inference import (
     LesionSegmentation,
     RegistrationName,

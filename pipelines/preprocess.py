@@ -47,7 +47,7 @@ class PreprocessResult:
     steps: tuple[StepRecord, ...]
     channels: dict[str, ImageVolume] = field(default_factory=dict)  # "flair", "t1", ...
     # N4-corrected FLAIR on the working grid before masking and z-scoring: what a second
-    # image is registered to, and what `models.datasets.build_channels` normalises itself
+    # image is registered to, and what `pipelines.channels.build_channels` normalises itself
     bias_corrected: ImageVolume | None = None
 
     @property

@@ -4,12 +4,18 @@ A study is complete when it has been quiet for `quiet_period_s` and at least one
 pipeline has every series it requires. A study that never gets there is decided at
 `deadline_s` after its receiving window opened: jobs for whatever can run, or INCOMPLETE with
 the reason. Series that arrive after assembly are handled by `late_series_policy`.
+
+In the deciding transaction: the study's state, one job row per pipeline that runs (with its
+queue, the study's priority and, for new lesions, the prior study), a SKIPPED row with the
+reason for each enabled pipeline that cannot (the report says which did not run and why),
+the jobs' messages in the outbox, and an audit row per job. The messages are published
+after the commit (`on_committed`), so a crash in between delays them and loses nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -24,6 +30,7 @@ from lesionwatch.config.schema import (
 )
 
 from .db.models import Job, JobState, Series, Study, StudyState, utcnow
+from .jobs import create_job, publish_job
 from .priors import find_local_prior
 
 __all__ = ["AssemblyDecision", "StudyAssembler", "runnable_pipelines"]
@@ -44,6 +51,16 @@ class AssemblyDecision:
 class _Plan:
     runnable: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # pipeline -> why it cannot run
+    priors: dict[str, int] = field(default_factory=dict)  # pipeline -> prior study id
+
+
+_SERIES_WORDS = {
+    SeriesClass.FLAIR: "FLAIR",
+    SeriesClass.T1_PRE: "T1 pre-contrast",
+    SeriesClass.T1_POST: "T1 post-contrast",
+    SeriesClass.T2: "T2",
+}
 
 
 def runnable_pipelines(
@@ -56,15 +73,19 @@ def runnable_pipelines(
     for name, cfg in pipelines.enabled().items():
         if wanted is not None and name not in wanted:
             continue
-        missing = [c.value for c in cfg.required_series if c not in present]
+        missing = [c for c in cfg.required_series if c not in present]
         if missing:
-            plan.notes.append(f"{name}: waiting for series {', '.join(missing)}")
+            plan.notes.append(f"{name}: waiting for series {', '.join(c.value for c in missing)}")
+            words = " and ".join(_SERIES_WORDS.get(c, c.value) for c in missing)
+            plan.skipped[name] = f"no {words} series in this study"
             continue
         if name == "new_lesions":
             prior = find_local_prior(session, study, pipelines.new_lesions.prior_required_series)
             if prior is None:
                 plan.notes.append(f"{name}: no prior study with FLAIR for this patient")
+                plan.skipped[name] = "no prior study with a FLAIR series for this patient"
                 continue
+            plan.priors[name] = prior.id
         plan.runnable.append(name)
     return plan
 
@@ -75,10 +96,14 @@ class StudyAssembler:
         sessions: sessionmaker[Session],
         assembly: AssemblyConfig,
         pipelines: PipelinesConfig,
+        *,
+        on_committed: Callable[[], object] | None = None,
     ) -> None:
         self._sessions = sessions
         self._assembly = assembly
         self._pipelines = pipelines
+        # Called after each decision that created jobs has committed (publishes the outbox).
+        self._on_committed = on_committed
 
     def run_once(self, now: datetime | None = None) -> list[AssemblyDecision]:
         """One pass over open studies; each decision is its own transaction."""
@@ -88,6 +113,8 @@ class StudyAssembler:
             decision = self._decide(study_id, now)
             if decision is not None:
                 decisions.append(decision)
+                if decision.jobs and self._on_committed is not None:
+                    self._on_committed()
                 log.info(
                     "study %s -> %s (generation %d) jobs=%s %s",
                     decision.study_instance_uid,
@@ -154,28 +181,51 @@ class StudyAssembler:
             return AssemblyDecision(
                 study.study_instance_uid, study.state, (), study.state_reason, study.generation
             )
-        # Earlier generations' unfinished jobs are replaced by this one.
+        # Earlier generations' unstarted jobs of the pipelines that run again are replaced.
         session.execute(
             update(Job)
             .where(
                 Job.study_id == study.id,
                 Job.generation < study.generation,
-                Job.state == JobState.PENDING,
+                Job.pipeline.in_(plan.runnable),
+                Job.state.in_((JobState.PENDING, JobState.RETRYING)),
             )
             .values(
                 state=JobState.SUPERSEDED, reason=f"superseded by generation {study.generation}"
             )
         )
         for name in plan.runnable:
-            session.add(
-                Job(
-                    study_id=study.id,
-                    pipeline=name,
-                    generation=study.generation,
-                    created_at=now,
-                    updated_at=now,
+            job = create_job(
+                session,
+                "assembler",
+                study,
+                name,
+                queue=getattr(self._pipelines, name).queue,
+                priority=study.priority,
+                prior_study_id=plan.priors.get(name),
+                now=now,
+            )
+            publish_job(session, job, study.study_instance_uid)
+        for name, why in plan.skipped.items():
+            exists = session.scalar(
+                select(Job.id).where(
+                    Job.study_id == study.id,
+                    Job.pipeline == name,
+                    Job.generation == study.generation,
                 )
             )
+            if exists is None:
+                create_job(
+                    session,
+                    "assembler",
+                    study,
+                    name,
+                    queue=getattr(self._pipelines, name).queue,
+                    priority=study.priority,
+                    state=JobState.SKIPPED,
+                    reason=why,
+                    now=now,
+                )
         study.state = StudyState.READY
         study.state_reason = "; ".join(reason_parts)
         return AssemblyDecision(

@@ -4,72 +4,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lesionwatch.config import ConfigError, LesionWatchConfig, load_config
 
+from .cli_support import CommandError, add_config_option, load_from_args
 from .logging_setup import configure_logging
 from .text_table import format_table
-
-if TYPE_CHECKING:
-    from .segment_command import SegmentOutputs
 
 __all__ = ["main"]
 
 log = logging.getLogger("lesionwatch")
 
 
-class CommandError(Exception):
-    """A user-facing failure: printed without a traceback, exit status 2."""
-
-
 def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> LesionWatchConfig:
-    file = args.config or (
-        Path(os.environ["LESIONWATCH_CONFIG"]) if os.environ.get("LESIONWATCH_CONFIG") else None
-    )
-    return load_config(file, overrides=overrides)
+    return load_from_args(args, overrides)
 
 
-def _add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        help="YAML config file (default: $LESIONWATCH_CONFIG, else built-in embedded defaults)",
-    )
+_add_config_option = add_config_option
 
 
 # --- commands -------------------------------------------------------------------------------
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import ListenerService
-
-    config = _load(
-        args,
-        {
-            "listener.port": args.port,
-            "listener.ae_title": args.ae_title,
-            "storage.data_dir": str(args.data_dir) if args.data_dir else None,
-            "database.url": args.database,
-        },
-    )
-    configure_logging(config.log_level)
-    service = ListenerService(config)
-    service.start()
-
-    def _shutdown(signum: int, _frame: object) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        service.stop()
-
-    signal.signal(signal.SIGTERM, _shutdown)
-    signal.signal(signal.SIGINT, _shutdown)
-    service.wait()
-    return 0
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -80,7 +38,27 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
+    from lesionwatch.pipelines.registry import config_problems
+
+    problems = config_problems(config.pipelines)
+    notes = [
+        f"worker.queues {list(config.worker.queues)} do not include {where} queue {queue!r}: "
+        "only workers started with `lesionwatch work --queue "
+        f"{queue}` take those jobs"
+        for where, queue in [
+            *((f"pipelines.{name}", cfg.queue) for name, cfg in config.pipelines.enabled().items()),
+            ("worker.report_queue", config.worker.report_queue),
+        ]
+        if queue not in config.worker.queues
+    ]
+    if problems:
+        print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  {args.file}: {problem}", file=sys.stderr)
+        return 1
     print(f"{args.file}: OK")
+    for note in notes:
+        print(f"  note: {note}")
     if args.show:
         import yaml
 
@@ -145,27 +123,6 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_jobs(args: argparse.Namespace) -> int:
-    from .db.models import JobState
-    from .queries import list_jobs
-    from .server import open_database
-
-    engine, sessions = open_database(_load(args))
-    with sessions() as session:
-        jobs = list_jobs(session, JobState(args.state) if args.state else None)
-    engine.dispose()
-    rows = [
-        (j.job_id, j.study_instance_uid, j.pipeline, j.generation, j.state, j.attempt, j.reason)
-        for j in jobs
-    ]
-    print(
-        format_table(
-            ["job", "study", "pipeline", "generation", "state", "attempt", "reason"], rows, 70
-        )
-    )
-    return 0
-
-
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     from .server import open_database
 
@@ -191,54 +148,44 @@ def _cmd_send_test(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _cmd_dispatcher(args: argparse.Namespace) -> int:
-    import threading
+def _segment_inputs(args: argparse.Namespace) -> tuple[str, dict[Any, Path], dict[Any, Path]]:
+    """(pipeline, current series, prior series) named by a `segment` subcommand's options."""
+    from lesionwatch.config.schema import SeriesClass
 
-    from .dispatcher import Dispatcher
-    from .server import open_database
-
-    config = _load(args)
-    configure_logging(config.log_level)
-    if not config.destinations:
-        raise CommandError(
-            "no destinations configured: add a `destinations:` section to the config"
-        )
-    engine, sessions = open_database(config)
-    stop = threading.Event()
-
-    def _shutdown(signum: int, _frame: object) -> None:
-        log.info(
-            "received %s, dispatcher stopping after the current batch", signal.Signals(signum).name
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _shutdown)
-    signal.signal(signal.SIGINT, _shutdown)
-    try:
-        Dispatcher(
-            sessions, config.destinations, config.delivery, base_dir=config.storage.data_dir
-        ).run_forever(stop)
-    finally:
-        engine.dispose()
-    return 0
+    if args.pipeline == "flair":
+        current = {SeriesClass.FLAIR: args.flair}
+        if args.t1 is not None:
+            current[SeriesClass.T1_PRE] = args.t1
+        return "flair", current, {}
+    if args.pipeline == "new-lesions":
+        return "new_lesions", {SeriesClass.FLAIR: args.current}, {SeriesClass.FLAIR: args.prior}
+    return "enhancing", {SeriesClass.T1_PRE: args.t1, SeriesClass.T1_POST: args.t1_post}, {}
 
 
-def _run_segment(
-    args: argparse.Namespace, run: Callable[[LesionWatchConfig], SegmentOutputs]
-) -> int:
-    """Load the config, run one `segment` command, turn known failures into CommandError,
-    and print what was written, the lesion count and volume, and the time per step."""
+def _cmd_segment(args: argparse.Namespace) -> int:
+    """Run one registry pipeline offline; print what was written, the lesion count and
+    volume, and the time per step. Known input problems become a message, not a traceback."""
     from lesionwatch.dicom_io.series_errors import DicomSeriesError
     from lesionwatch.models.weights import ModelCardMismatchError, WeightsIntegrityError
     from lesionwatch.pipelines.steps.brain_mask import BrainMaskError
     from lesionwatch.pipelines.steps.registration import RegistrationError
 
-    from .segment_command import SegmentInputError
+    from .segment_command import SegmentInputError, segment
 
     config = _load(args)
     configure_logging(config.log_level)
+    pipeline, current, prior = _segment_inputs(args)
     try:
-        outputs = run(config)
+        outputs = segment(
+            config,
+            pipeline,
+            current,
+            args.out,
+            prior=prior,
+            table_csv=args.table,
+            weights=args.weights,
+            dicom_out=args.dicom_out,
+        )
     except (
         SegmentInputError,
         DicomSeriesError,
@@ -258,45 +205,6 @@ def _run_segment(
         print(f"wrote {path}")
     print("time per step: " + ", ".join(f"{k} {v:.1f} s" for k, v in outputs.timings_s.items()))
     return 0
-
-
-def _cmd_segment_flair(args: argparse.Namespace) -> int:
-    from .segment_command import segment_flair
-
-    return _run_segment(
-        args,
-        lambda config: segment_flair(
-            config,
-            args.flair,
-            args.out,
-            t1_source=args.t1,
-            table_csv=args.table,
-            weights=args.weights,
-            dicom_out=args.dicom_out,
-        ),
-    )
-
-
-def _cmd_segment_new_lesions(args: argparse.Namespace) -> int:
-    from .segment_command import segment_new_lesions
-
-    return _run_segment(
-        args,
-        lambda config: segment_new_lesions(
-            config, args.prior, args.current, args.out, table_csv=args.table, weights=args.weights
-        ),
-    )
-
-
-def _cmd_segment_enhancing(args: argparse.Namespace) -> int:
-    from .segment_command import segment_enhancing
-
-    return _run_segment(
-        args,
-        lambda config: segment_enhancing(
-            config, args.t1, args.t1_post, args.out, table_csv=args.table, weights=args.weights
-        ),
-    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -325,6 +233,9 @@ def _add_segment_common(parser: argparse.ArgumentParser, pipeline: str) -> None:
         type=Path,
         help=f"weight file (default: pipelines.{pipeline}.weights, else shipped)",
     )
+    parser.add_argument(
+        "--dicom-out", type=Path, help="also write SEG, SR and fallback objects here (DICOM input)"
+    )
     _add_config_option(parser)
 
 
@@ -342,15 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
         return sub
-
-    serve = command("serve", _cmd_serve, "Run the DICOM listener and study assembler.")
-    _add_config_option(serve)
-    serve.add_argument("--port", type=int, help="listener port (listener.port)")
-    serve.add_argument("--ae-title", help="listener AE title (listener.ae_title)")
-    serve.add_argument(
-        "--data-dir", type=Path, help="archive and embedded database (storage.data_dir)"
-    )
-    serve.add_argument("--database", help="SQLAlchemy database URL (database.url)")
 
     config_cmd = commands.add_parser("config", help="Check a config file.")
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -379,12 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     studies = command("studies", _cmd_studies, "List received studies and their state.")
     studies.add_argument("--state", choices=["receiving", "ready", "incomplete"])
     _add_config_option(studies)
-
-    jobs = command("jobs", _cmd_jobs, "List jobs created by study assembly.")
-    jobs.add_argument(
-        "--state", choices=["pending", "running", "succeeded", "failed", "superseded"]
-    )
-    _add_config_option(jobs)
 
     db = commands.add_parser("db", help="Database maintenance.")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -415,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dicom-out", type=Path, help="also write SEG, SR and fallback objects here (DICOM input)"
     )
     _add_config_option(flair)
-    flair.set_defaults(handler=_cmd_segment_flair)
+    flair.set_defaults(handler=_cmd_segment)
 
     new_lesions = segment_sub.add_parser(
         "new-lesions", help="Lesions new on the current FLAIR since the prior FLAIR."
@@ -430,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="new-lesion mask on the current FLAIR's grid"
     )
     _add_segment_common(new_lesions, "new_lesions")
-    new_lesions.set_defaults(handler=_cmd_segment_new_lesions)
+    new_lesions.set_defaults(handler=_cmd_segment)
 
     enhancing = segment_sub.add_parser(
         "enhancing", help="Gadolinium-enhancing lesions (T1 before and after contrast)."
@@ -445,10 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="enhancing-lesion mask on the T1-post grid"
     )
     _add_segment_common(enhancing, "enhancing")
-    enhancing.set_defaults(handler=_cmd_segment_enhancing)
+    enhancing.set_defaults(handler=_cmd_segment)
 
+    from .ops_commands import add_ops_commands
+    from .process_commands import add_process_commands
     from .training_commands import add_training_commands
 
+    add_process_commands(commands)
+    add_ops_commands(commands)
     add_training_commands(commands)
 
     send_test = command(
@@ -456,11 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send_test.add_argument("destination", help="name of a destination in the config")
     _add_config_option(send_test)
-
-    dispatcher = command(
-        "dispatcher", _cmd_dispatcher, "Deliver results to the configured destinations."
-    )
-    _add_config_option(dispatcher)
 
     demo = command(
         "demo", _cmd_demo, "Start the service on embedded defaults and send it a real MS study."

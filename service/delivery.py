@@ -56,6 +56,8 @@ class ClaimedDelivery:
     path: str
     destination: str
     sop_instance_uid: str
+    sop_class_uid: str = ""
+    job_id: int | None = None
 
 
 def backoff_delay_s(policy: DeliveryConfig, attempts: int) -> float:
@@ -174,7 +176,14 @@ def claim_due(
         session.flush()
         claimed.append(
             ClaimedDelivery(
-                row.id, attempt.id, row.attempts, row.path, row.destination, row.sop_instance_uid
+                row.id,
+                attempt.id,
+                row.attempts,
+                row.path,
+                row.destination,
+                row.sop_instance_uid,
+                row.sop_class_uid,
+                row.job_id,
             )
         )
     return claimed

@@ -1,37 +1,54 @@
-"""`make demo`: the service on embedded defaults receives real MS studies over DICOM.
+"""`make demo`: real MS studies go in over DICOM and come back as SEG and SR, untouched by hand.
 
 The studies are built from real MRI in tests/data (open_ms_data, CC-BY): patient 01's
 baseline and follow-up exams (FLAIR, T1, T2 in scanner space) and patient 07's exam with
-post-gadolinium T1. They are sent by C-STORE like a PACS would, then the demo shows what was
-received, archived and classified and which jobs study assembly created.
+post-gadolinium T1. The demo starts `lesionwatch serve` on embedded defaults (SQLite, the
+embedded queue, one worker) plus a stand-in PACS (a C-STORE receiver), sends the studies like
+a PACS would, and waits until every result has been delivered. Then it reads the reports the
+stand-in PACS received and prints, per study, lesion counts and volumes, what was not
+assessed and why, the time each stage took, and where the files are.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
+from sqlalchemy import select
+
 from lesionwatch.config import load_config
-from lesionwatch.config.schema import DestinationConfig, SeriesClass
+from lesionwatch.config.schema import DestinationConfig, LesionWatchConfig, SeriesClass
 from lesionwatch.dicom_io.scu import Outcome, StoreItem, store_files
 from lesionwatch.dicom_io.series_identity import StudyIdentity, derive_uid
+from lesionwatch.dicom_io.sr_reader import read_report_summary
+from lesionwatch.dicom_io.store_receiver import StoreReceiver
 from lesionwatch.dicom_io.study_builder import (
     SeriesSpec,
     build_study_from_nifti,
     open_ms_longitudinal_specs,
 )
 
-from .db.models import StudyState
-from .queries import list_jobs, list_studies
-from .server import ListenerService
-from .text_table import format_table
+from .db.delivery_models import Delivery, DeliveryState
+from .db.models import REPORT_PIPELINE, Job, JobState, Study, StudyState
+from .server import Roles, ServiceProcess
 
 __all__ = ["run_demo"]
 
 _DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "open_ms_data"
+_TIMEOUT_S = 1500.0
+
+
+@dataclass(frozen=True)
+class _DemoStudy:
+    label: str
+    study_instance_uid: str
+    files: list[Path]
 
 
 def _identity(
@@ -50,8 +67,8 @@ def _identity(
     )
 
 
-def _build_studies(out: Path) -> list[tuple[str, list[Path]]]:
-    """Write the demo studies as DICOM; (label, files) per study, prior first."""
+def _build_studies(out: Path) -> list[_DemoStudy]:
+    """Write the demo studies as DICOM, prior first."""
     if not _DATA.is_dir():
         raise FileNotFoundError(
             f"demo data not found at {_DATA} (run the demo from a source checkout)"
@@ -61,7 +78,7 @@ def _build_studies(out: Path) -> list[tuple[str, list[Path]]]:
     birth = dt.date(1980, 5, 17)
     studies = [
         (
-            "open_ms patient01, baseline",
+            "patient01 baseline",
             open_ms_longitudinal_specs(longitudinal, 1),
             _identity(
                 "OMS-LONG-01", "OpenMS^Patient01", birth, "F", dt.date(2024, 3, 12), "DEMO0101"
@@ -69,7 +86,7 @@ def _build_studies(out: Path) -> list[tuple[str, list[Path]]]:
             "siemens",
         ),
         (
-            "open_ms patient01, follow-up",
+            "patient01 follow-up",
             open_ms_longitudinal_specs(longitudinal, 2),
             _identity(
                 "OMS-LONG-01", "OpenMS^Patient01", birth, "F", dt.date(2025, 3, 20), "DEMO0102"
@@ -77,7 +94,7 @@ def _build_studies(out: Path) -> list[tuple[str, list[Path]]]:
             "siemens",
         ),
         (
-            "open_ms patient07, with gadolinium",
+            "patient07 with gadolinium",
             [
                 SeriesSpec(cross / "FLAIR.nii.gz", SeriesClass.FLAIR),
                 SeriesSpec(cross / "T1.nii.gz", SeriesClass.T1_PRE),
@@ -97,27 +114,29 @@ def _build_studies(out: Path) -> list[tuple[str, list[Path]]]:
     built = []
     for index, (label, specs, identity, vendor) in enumerate(studies):
         series = build_study_from_nifti(specs, identity, out / f"study{index}", vendor=vendor)  # type: ignore[arg-type]
-        built.append((label, [f for s in series for f in s.files]))
+        built.append(
+            _DemoStudy(label, identity.study_instance_uid, [f for s in series for f in s.files])
+        )
     return built
 
 
 def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
     root = workdir or Path(tempfile.mkdtemp(prefix="lesionwatch-demo-"))
     root.mkdir(parents=True, exist_ok=True)
+    keep = keep or workdir is not None
     try:
         return _run(root)
     finally:
-        if workdir is None and not keep:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
+        if keep:
             print(f"\nwork folder kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            print("\n(work folder removed; `lesionwatch demo --keep` keeps the files)")
 
 
-def _run(root: Path) -> int:
-    print("LesionWatch demo: building DICOM studies from real MS MRI (tests/data/NOTICE.md) ...")
-    studies = _build_studies(root / "outgoing")
+def _demo_config(root: Path, pacs: StoreReceiver) -> LesionWatchConfig:
     # Embedded defaults, except a short quiet period so the demo does not wait a minute.
-    config = load_config(
+    return load_config(
         None,
         environ={},
         overrides={
@@ -127,79 +146,195 @@ def _run(root: Path) -> int:
             "assembly.quiet_period_s": 3,
             "assembly.deadline_s": 60,
             "assembly.poll_interval_s": 0.5,
+            "metrics.port": 0,
+            "log_level": "WARNING",
+            "destinations": [
+                {
+                    "name": "DEMO_PACS",
+                    "ae_title": pacs.ae_title,
+                    "host": pacs.host,
+                    "port": pacs.port,
+                }
+            ],
+            "delivery.poll_interval_s": 1,
         },
     )
-    service = ListenerService(config)
+
+
+def _run(root: Path) -> int:
+    started = time.perf_counter()
+    print("LesionWatch demo: building DICOM studies from real MS MRI (tests/data/NOTICE.md) ...")
+    studies = _build_studies(root / "outgoing")
+    pacs = StoreReceiver(root / "pacs", ae_title="DEMO_PACS").start()
+    config = _demo_config(root, pacs)
+    service = ServiceProcess(config, Roles(listen=True, work=True, dispatch=True))
     service.start()
     try:
         listener = config.listener
         print(
-            f"service listening as {listener.ae_title} on {listener.host}:{listener.port} "
-            "(embedded SQLite)"
+            f"lesionwatch serve: listening as {listener.ae_title} on {listener.host}:"
+            f"{listener.port}, embedded SQLite + queue, {config.worker.concurrency} worker; "
+            f"results go to DEMO_PACS on port {pacs.port}"
         )
-        destination = DestinationConfig(
+        if service.metrics_server is not None:
+            print(f"metrics: http://127.0.0.1:{service.metrics_server.port}/metrics")
+        sender = DestinationConfig(
             name="lesionwatch",
             ae_title=listener.ae_title,
             host=listener.host,
             port=listener.port,
-            calling_ae_title="DEMO_PACS",
+            calling_ae_title="DEMO_SCANNER",
         )
-        for label, files in studies:
-            started = time.perf_counter()
-            results = store_files(destination, [StoreItem(i, f) for i, f in enumerate(files)])
-            sent = sum(r.outcome is Outcome.SUCCESS for r in results)
+        send_s: dict[str, float] = {}
+        for study in studies:
+            began = time.perf_counter()
+            results = store_files(sender, [StoreItem(i, f) for i, f in enumerate(study.files)])
             failed = [r for r in results if r.outcome is not Outcome.SUCCESS]
-            elapsed = time.perf_counter() - started
-            print(f"  C-STORE {label}: {sent}/{len(files)} instances accepted in {elapsed:.1f} s")
+            send_s[study.study_instance_uid] = time.perf_counter() - began
+            print(
+                f"  C-STORE {study.label}: {len(results) - len(failed)}/{len(study.files)} "
+                f"images accepted in {send_s[study.study_instance_uid]:.1f} s"
+            )
             for result in failed[:3]:
                 print(f"    failed: {result.reason}")
             if failed:
                 return 1
-        print("waiting for the studies to become stable (quiet period 3 s) ...")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with service.sessions() as session:
-                open_studies = list_studies(session, StudyState.RECEIVING)
-            if not open_studies:
-                break
-            time.sleep(0.5)
-        _report(service, config.storage.data_dir)
+        print("waiting for assembly (quiet period 3 s), the pipelines and delivery ...")
+        if not _wait(service, pacs, [s.study_instance_uid for s in studies], started):
+            print("the demo did not finish in time; see `lesionwatch jobs` in the work folder")
+            return 1
+        _report(service, pacs, studies, send_s, config)
     finally:
         service.stop()
+        pacs.stop()
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     return 0
 
 
-def _report(service: ListenerService, data_dir: Path) -> None:
-    archive = data_dir / "archive"
-    files = [p for p in archive.rglob("*.dcm")] if archive.is_dir() else []
-    size_mb = sum(p.stat().st_size for p in files) / 1e6
+def _wait(service: ServiceProcess, pacs: StoreReceiver, uids: list[str], started: float) -> bool:
+    """Until every study is decided, every job finished and every result delivered."""
+    deadline = time.monotonic() + _TIMEOUT_S
+    announced: set[int] = set()
+    while time.monotonic() < deadline:
+        with service.sessions() as session:
+            studies = session.scalars(select(Study).where(Study.study_instance_uid.in_(uids))).all()
+            jobs = session.scalars(select(Job).order_by(Job.id)).all()
+            pending_deliveries = session.scalars(
+                select(Delivery.id).where(Delivery.state == DeliveryState.PENDING)
+            ).all()
+            labels = {s.id: s.study_instance_uid for s in studies}
+            for job in jobs:
+                if job.id in announced or not job.state.terminal or job.state == JobState.SKIPPED:
+                    continue
+                announced.add(job.id)
+                took = (
+                    (job.finished_at - job.started_at).total_seconds()
+                    if job.finished_at and job.started_at
+                    else 0.0
+                )
+                print(
+                    f"  [{time.perf_counter() - started:5.0f} s] job {job.id} {job.pipeline:<11} "
+                    f"{job.state.value} in {took:.0f} s: {job.reason}  "
+                    f"(study ...{labels.get(job.study_id, '?')[-12:]})"
+                )
+        decided = len(studies) == len(uids) and all(
+            s.state != StudyState.RECEIVING for s in studies
+        )
+        busy = any(j.state in (JobState.PENDING, JobState.RUNNING, JobState.RETRYING) for j in jobs)
+        reports_done = all(
+            any(
+                j.pipeline == REPORT_PIPELINE and j.study_id == s.id and j.state.terminal
+                for j in jobs
+            )
+            for s in studies
+            if s.state == StudyState.READY
+        )
+        if decided and not busy and reports_done and not pending_deliveries and jobs:
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> str:
+    if a is None or b is None:
+        return "-"
+    return f"{(b - a).total_seconds():.1f} s"
+
+
+def _report(
+    service: ServiceProcess,
+    pacs: StoreReceiver,
+    studies: list[_DemoStudy],
+    send_s: dict[str, float],
+    config: LesionWatchConfig,
+) -> None:
+    received = {}
+    for path in pacs.files("SR"):
+        ds = pydicom.dcmread(path)
+        received[str(ds.StudyInstanceUID)] = (path, read_report_summary(ds))
+    data_dir = config.storage.data_dir.resolve()
     with service.sessions() as session:
-        studies = list_studies(session)
-        jobs = list_jobs(session)
-    print(f"\narchived: {len(files)} files, {size_mb:.1f} MB under {archive}")
-    for study in studies:
-        print(
-            f"\nstudy {study.study_instance_uid}  patient {study.patient_id}  "
-            f"date {study.study_date}"
-        )
-        print(f"  state: {study.state}" + (f" ({study.reason})" if study.reason else ""))
-        rows = [
-            (s.series_number, s.description, s.manufacturer, s.instances, s.series_class, s.reason)
-            for s in study.series
-        ]
-        print(
-            "  "
-            + format_table(
-                ["#", "description", "vendor", "images", "class", "reason"], rows, 160
-            ).replace("\n", "\n  ")
-        )
-    print("\njobs created by study assembly (run by the workers in a later part):")
+        for demo in studies:
+            study = session.scalars(
+                select(Study).where(Study.study_instance_uid == demo.study_instance_uid)
+            ).one()
+            jobs = session.scalars(
+                select(Job).where(Job.study_id == study.id).order_by(Job.id)
+            ).all()
+            print(f"\n=== {demo.label}: study {study.study_instance_uid} ({study.study_date})")
+            if demo.study_instance_uid not in received:
+                print(f"  no report received ({study.state.value}: {study.state_reason})")
+                continue
+            path, summary = received[demo.study_instance_uid]
+            print("  report received by DEMO_PACS:")
+            for finding in summary.findings:
+                largest = max(finding.lesion_volumes_ml, default=0.0)
+                print(
+                    f"    {finding.label:<22} {finding.lesion_count:3d} lesions, "
+                    f"{finding.total_volume_ml:6.2f} mL total (largest {largest:.2f} mL)"
+                )
+            for statement in summary.statements:
+                print(f"    - {statement}")
+            print("  time per stage:")
+            send = send_s[demo.study_instance_uid]
+            print(f"    C-STORE of {len(demo.files)} images       {send:.1f} s")
+            print(
+                f"    quiet period and assembly  "
+                f"{_seconds(study.last_received_at, study.assembled_at)}"
+            )
+            for job in jobs:
+                if job.state == JobState.SKIPPED:
+                    print(f"    {job.pipeline:<12} not run: {job.reason}")
+                    continue
+                steps = json.loads(job.timings_json or "{}")
+                major = ", ".join(
+                    f"{name} {seconds:.1f} s"
+                    for name, seconds in steps.items()
+                    if name in ("load_series", "inference", "build_results", "build_report")
+                    or name.startswith("registration")
+                )
+                print(
+                    f"    {job.pipeline:<12} queued {_seconds(job.created_at, job.started_at)}, "
+                    f"ran {_seconds(job.started_at, job.finished_at)} ({major})"
+                )
+            sent = session.scalars(
+                select(Delivery).where(Delivery.job_id.in_([j.id for j in jobs]))
+            ).all()
+            last_sent = max((d.sent_at for d in sent if d.sent_at), default=None)
+            last_done = max((j.finished_at for j in jobs if j.finished_at), default=None)
+            print(
+                f"    delivery of {len(sent)} objects     {_seconds(last_done, last_sent)} "
+                "after the last job"
+            )
+            print("  files:")
+            print(f"    received by DEMO_PACS: {path.parent}")
+            written = data_dir / "results" / study.study_instance_uid
+            print(f"    results written by LesionWatch: {written}")
+    counts = {uid: n for uid, n in pacs.received.items()}
     print(
-        format_table(
-            ["job", "study", "pipeline", "state"],
-            [(j.job_id, j.study_instance_uid, j.pipeline, j.state) for j in jobs],
-            70,
-        )
+        f"\nDEMO_PACS received {len(counts)} objects "
+        f"({sum(counts.values())} C-STOREs; each object exactly once: "
+        f"{all(n == 1 for n in counts.values())})"
     )
 
 

@@ -1,9 +1,11 @@
 """The dispatcher process: sends queued results to their destinations, retrying with backoff.
 
 It runs apart from the GPU workers (a worker only queues rows with
-`service.delivery.enqueue_results`), so a slow or absent PACS never holds a GPU.
-Each pass claims due rows per destination (committed), sends them over one association per
-batch, and records every instance's outcome (committed).
+`service.delivery.enqueue_results` and a message on the dispatcher's own queue), so a slow
+or absent PACS never holds a GPU. A message wakes it at once; between messages it makes a
+pass every `delivery.poll_interval_s` for retries that have come due. Each pass claims due
+rows per destination (committed), sends them over one association per batch, and records
+every instance's outcome with an audit row (who sent what where), committed together.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lesionwatch.config.schema import DeliveryConfig, DestinationConfig
 from lesionwatch.dicom_io.scu import StoreItem, store_files
+from lesionwatch.service.audit import record_event
+from lesionwatch.service.broker import Broker, BrokerError
 from lesionwatch.service.db.delivery_models import Delivery, DeliveryState
 from lesionwatch.service.db.models import utcnow
 from lesionwatch.service.delivery import claim_due, record_result
+from lesionwatch.service.messages import DELIVERY_QUEUE
+from lesionwatch.service.metrics import METRICS
 
 __all__ = ["DispatchSummary", "Dispatcher"]
 
@@ -65,6 +71,7 @@ class Dispatcher:
         *,
         base_dir: Path | None = None,
         lease_s: float = 600.0,
+        actor: str = "dispatcher",
     ) -> None:
         self._sessions = session_factory
         self._destinations = [d for d in destinations if d.enabled]
@@ -74,6 +81,7 @@ class Dispatcher:
         # How long a claim shields a row from other dispatchers; after a crash the row is
         # resent once this has passed.
         self._lease_s = lease_s
+        self._actor = actor
 
     def _resolve(self, path: str) -> Path:
         resolved = Path(path)
@@ -113,6 +121,21 @@ class Dispatcher:
                     policy=self._policy,
                 )
                 summary.add(state)
+                METRICS.deliveries.labels(destination.name, result.outcome.value).inc()
+                record_event(
+                    session,
+                    self._actor,
+                    "object.sent" if state == DeliveryState.SENT else f"object.{state.value}",
+                    job_id=claim.job_id,
+                    sop_instance_uid=claim.sop_instance_uid,
+                    sop_class_uid=claim.sop_class_uid,
+                    destination=f"{destination.name} "
+                    f"{destination.ae_title}@{destination.host}:{destination.port}",
+                    detail=f"attempt {claim.attempts}: {result.outcome.value}"
+                    + (f" (status 0x{result.status:04X})" if result.status is not None else "")
+                    + (f": {result.reason}" if result.reason else ""),
+                    at=finished,
+                )
                 if state != DeliveryState.SENT:
                     LOG.warning(
                         "delivery of %s to %s: %s (%s)",
@@ -142,6 +165,36 @@ class Dispatcher:
                 ", ".join(summary.unknown_destinations),
             )
         return summary
+
+    def run_with_broker(self, stop_event: threading.Event, broker: Broker) -> None:
+        """Consume the dispatcher's queue: each message triggers a pass; a pass also runs
+        every poll interval for retries that came due. A message is acked after its pass."""
+        while not stop_event.is_set():
+            try:
+                message = broker.receive([DELIVERY_QUEUE], self._policy.poll_interval_s)
+            except BrokerError as exc:
+                LOG.warning("dispatcher: broker unavailable (%s); polling the outbox", exc)
+                message = None
+                stop_event.wait(self._policy.poll_interval_s)
+            try:
+                summary = self.run_once()
+                while summary.claimed >= self._policy.batch_size and not stop_event.is_set():
+                    summary = self.run_once()
+            except SQLAlchemyError:
+                LOG.exception("dispatcher pass failed on the database; retrying")
+                if message is not None:
+                    self._settle(lambda m=message: m.retry(self._policy.poll_interval_s, "db"))
+                stop_event.wait(self._policy.poll_interval_s)
+                continue
+            if message is not None:
+                self._settle(message.ack)
+
+    @staticmethod
+    def _settle(action: object) -> None:
+        try:
+            action()  # type: ignore[operator]
+        except BrokerError as exc:
+            LOG.warning("dispatcher: could not settle a message: %s", exc)
 
     def run_forever(self, stop_event: threading.Event) -> None:
         """Pass after pass until `stop_event` is set; a database outage is logged and waited out."""

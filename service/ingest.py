@@ -13,11 +13,11 @@ from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lesionwatch.config.schema import ClassificationConfig, SeriesClass
+from lesionwatch.config.schema import ClassificationConfig, PriorityConfig, SeriesClass
 from lesionwatch.dicom_io.archive import ArchivedFile
 from lesionwatch.dicom_io.classify import classify_series
 
-from .db.models import Instance, Series, Study, StudyState, utcnow
+from .db.models import URGENT_PRIORITY, Instance, Series, Study, StudyState, utcnow
 
 __all__ = ["InstanceRecorder", "RecordError", "RecordResult"]
 
@@ -86,10 +86,15 @@ class InstanceRecorder:
     """Upserts the rows for one archived instance; safe under re-sends and parallel associations."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], classification: ClassificationConfig
+        self,
+        sessions: sessionmaker[Session],
+        classification: ClassificationConfig,
+        *,
+        priority: PriorityConfig | None = None,
     ) -> None:
         self._sessions = sessions
         self._classification = classification
+        self._priority = priority or PriorityConfig()
         bind = sessions.kw.get("bind")
         if not isinstance(bind, Engine):
             raise TypeError("InstanceRecorder needs a sessionmaker bound to an Engine")
@@ -107,6 +112,7 @@ class InstanceRecorder:
         transfer_syntax_uid: str,
         calling_ae_title: str = "",
         before_commit: Callable[[], object] | None = None,
+        received_at: datetime | None = None,
     ) -> RecordResult:
         """Record ``dataset`` (its header is enough) stored in the archive as ``archived``.
 
@@ -114,11 +120,20 @@ class InstanceRecorder:
         makes the archive file durable there, so a row never points at a file that is not);
         an exception from it rolls the transaction back and propagates. It may run again when
         the transaction is retried, so it must be idempotent.
+
+        ``received_at`` (default: now) is the instance row's receive time when it is recorded
+        later than it was archived (:mod:`lesionwatch.service.record_backlog`); the study and
+        series timestamps are always the recording time.
         """
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 return self._record_once(
-                    dataset, archived, transfer_syntax_uid, calling_ae_title, before_commit
+                    dataset,
+                    archived,
+                    transfer_syntax_uid,
+                    calling_ae_title,
+                    before_commit,
+                    received_at,
                 )
             except (IntegrityError, OperationalError) as exc:
                 # IntegrityError: another association inserted the same study/series/instance
@@ -140,6 +155,7 @@ class InstanceRecorder:
         transfer_syntax_uid: str,
         calling_ae_title: str,
         before_commit: Callable[[], object] | None,
+        received_at: datetime | None = None,
     ) -> RecordResult:
         # Cached Core statements on a plain connection, no ORM session, on the per-instance
         # path: an instance of a known series costs two SELECTs and one INSERT (timestamps are
@@ -155,7 +171,7 @@ class InstanceRecorder:
                 # The session joins this connection's transaction and never commits it.
                 with Session(bind=connection) as session:
                     series_id, study_id, study_state, new_study, series_class = self._new_series(
-                        session, dataset, now
+                        session, dataset, now, calling_ae_title
                     )
                 new_series = True
             else:
@@ -174,7 +190,7 @@ class InstanceRecorder:
                 "size_bytes": archived.size_bytes,
                 "sha256": archived.sha256,
                 "calling_ae_title": calling_ae_title[:16],
-                "received_at": now,
+                "received_at": received_at or now,
             }
             existing = connection.execute(_INSTANCE_LOOKUP, {"sop_uid": sop_uid}).first()
             content_changed = False
@@ -220,7 +236,7 @@ class InstanceRecorder:
         )
 
     def _new_series(
-        self, session: Session, dataset: Dataset, now: datetime
+        self, session: Session, dataset: Dataset, now: datetime, calling_ae_title: str = ""
     ) -> tuple[int, int, StudyState, bool, SeriesClass]:
         """Insert the series (and its study when new); classify it from this first instance."""
         study_uid = str(dataset.StudyInstanceUID)
@@ -228,6 +244,7 @@ class InstanceRecorder:
         new_study = study is None
         if study is None:
             study = self._new_study(dataset, study_uid, now)
+            study.priority = self.study_priority(dataset, calling_ae_title)
             session.add(study)
             session.flush()
         else:
@@ -257,6 +274,15 @@ class InstanceRecorder:
             classification.rule,
         )
         return series.id, study.id, study.state, new_study, classification.series_class
+
+    def study_priority(self, dataset: Dataset, calling_ae_title: str) -> int:
+        """URGENT_PRIORITY when the sender or the requested procedure priority says so."""
+        urgent_aets = {a.strip() for a in self._priority.urgent_calling_ae_titles}
+        if calling_ae_title.strip() in urgent_aets:
+            return URGENT_PRIORITY
+        requested = str(dataset.get("RequestedProcedurePriority", "") or "").strip().upper()
+        urgent = {p.strip().upper() for p in self._priority.urgent_procedure_priorities}
+        return URGENT_PRIORITY if requested and requested in urgent else 0
 
     @staticmethod
     def _new_study(dataset: Dataset, study_uid: str, now: datetime) -> Study:

@@ -87,7 +87,9 @@ def list_studies(session: Session, state: StudyState | None = None) -> list[Stud
 
 
 def list_jobs(session: Session, state: JobState | None = None) -> list[JobRow]:
-    query = select(Job, Study.study_instance_uid).join(Study).order_by(Job.id)
+    query = (
+        select(Job, Study.study_instance_uid).join(Study, Job.study_id == Study.id).order_by(Job.id)
+    )
     if state is not None:
         query = query.where(Job.state == state)
     return [

@@ -7,11 +7,13 @@ set by .ci/run) it fails the test, so CI can never pass by skipping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,22 +85,58 @@ def _postgres_available() -> bool:
     return tcp_port_open("127.0.0.1", 5432)
 
 
+def _rabbitmq_available() -> bool:
+    return tcp_port_open("127.0.0.1", 5672)
+
+
+def require_postgres() -> None:
+    require_service(_postgres_available(), "PostgreSQL is not reachable on 127.0.0.1:5432")
+
+
+def require_rabbitmq() -> None:
+    require_service(_rabbitmq_available(), "RabbitMQ is not reachable on 127.0.0.1:5672")
+
+
+@contextlib.contextmanager
+def fresh_postgres_schema(name: str) -> Iterator[str]:
+    """A SQLAlchemy URL whose search_path is a new, empty schema; dropped afterwards."""
+    require_postgres()
+    import sqlalchemy
+
+    schema = f"lw_test_{os.getpid()}_{abs(hash(name)) % 10**8}"
+    # pre-ping: a test may restart PostgreSQL between setup and teardown.
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each database test runs on embedded SQLite and on a real PostgreSQL (fresh schema)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'lesionwatch.db'}"
         return
-    require_service(_postgres_available(), "PostgreSQL is not reachable on 127.0.0.1:5432")
-    import sqlalchemy
+    with fresh_postgres_schema(request.node.nodeid) as url:
+        yield url
 
-    schema = f"lw_test_{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**8}"
-    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    yield url
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    admin.dispose()
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[Any]:
+    """Sessions on a freshly migrated database (each database test: SQLite and PostgreSQL)."""
+    from lesionwatch.service.db.engine import create_db_engine, migrate, session_factory
+
+    engine = create_db_engine(database_url)
+    migrate(engine)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+# Broker fixtures (embedded on SQLite and PostgreSQL, RabbitMQ) live in broker_fixtures.py.
+from broker_fixtures import broker, broker_factory  # noqa: E402,F401

@@ -16,5 +16,6 @@ __all__ = [
     "session_factory",
 ]
 
-# Registers the outbox tables on Base.metadata (Alembic's env imports this package).
+# Registers the delivery and work tables on Base.metadata (Alembic's env imports this package).
 from . import delivery_models as delivery_models  # noqa: E402,F401
+from . import work_models as work_models  # noqa: E402,F401

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["create_db_engine", "migrate", "session_factory"]
+__all__ = ["create_db_engine", "migrate", "session_factory", "write_session"]
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -37,7 +39,14 @@ def create_db_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Eng
             cursor.close()
 
         return engine
-    return create_engine(url, echo=echo, pool_size=pool_size, pool_pre_ping=True)
+    connect_args: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        # A server that silently drops packets must fail fast (the listener then backlogs),
+        # not hang each attempt for the operating system's TCP timeout.
+        connect_args["connect_timeout"] = 10
+    return create_engine(
+        url, echo=echo, pool_size=pool_size, pool_pre_ping=True, connect_args=connect_args
+    )
 
 
 def migrate(engine: Engine) -> None:
@@ -51,3 +60,23 @@ def migrate(engine: Engine) -> None:
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def write_session(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session whose transaction reads then writes without losing a race; commits on exit.
+
+    On SQLite it starts with ``BEGIN IMMEDIATE``: the write lock is taken before the first
+    read, so a read-check-update (claim a job, decide a report) cannot be overtaken by another
+    writer between its read and its write (a deferred transaction would fail with "database is
+    locked" at the write instead). PostgreSQL uses row locks (``FOR UPDATE``) in the queries.
+    """
+    with sessions() as session:
+        if session.get_bind().dialect.name == "sqlite":
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise

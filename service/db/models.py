@@ -26,7 +26,9 @@ __all__ = [
     "Instance",
     "Job",
     "JobState",
+    "REPORT_PIPELINE",
     "Series",
+    "URGENT_PRIORITY",
     "Study",
     "StudyState",
     "utcnow",
@@ -72,11 +74,19 @@ class StudyState(enum.StrEnum):
 
 
 class JobState(enum.StrEnum):
-    PENDING = "pending"  # row committed, message not yet consumed
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"  # permanent failure, reason recorded
+    PENDING = "pending"  # committed, its message queued; waiting for a worker
+    RUNNING = "running"  # a worker holds its lease
+    RETRYING = "retrying"  # an attempt failed; the next one is scheduled (next_attempt_at)
+    SUCCEEDED = "succeeded"  # results written and their deliveries queued
+    FAILED = "failed"  # dead-lettered: attempts used up; `reason` says why
+    CANCELLED = "cancelled"  # stopped by an operator (`lesionwatch jobs cancel`)
+    SKIPPED = "skipped"  # could not run for this study (no prior, series missing); `reason`
     SUPERSEDED = "superseded"  # a later generation of the same study replaced it
+
+    @property
+    def terminal(self) -> bool:
+        """No worker will touch the job again unless an operator retries it."""
+        return self not in (JobState.PENDING, JobState.RUNNING, JobState.RETRYING)
 
 
 class Study(Base):
@@ -102,13 +112,19 @@ class Study(Base):
     # Start of the current generation's receiving window (the forced deadline counts from here).
     receiving_since: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     assembled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Queue priority of the study's jobs: 0 routine, URGENT_PRIORITY urgent (see priority config).
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    # Versions of the study report sent so far; the next SR says it replaces this one.
+    report_version: Mapped[int] = mapped_column(Integer, default=0)
     # Series first received after this instant are "late" and not yet handled by the policy.
     late_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     series: Mapped[list[Series]] = relationship(
         back_populates="study", order_by="Series.series_number"
     )
-    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+    jobs: Mapped[list[Job]] = relationship(
+        back_populates="study", order_by="Job.id", foreign_keys="Job.study_id"
+    )
 
 
 class Series(Base):
@@ -148,6 +164,10 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+REPORT_PIPELINE = "report"  # the job that gathers a study's findings into one SR
+URGENT_PRIORITY = 8
+
+
 class Job(Base):
     __tablename__ = "job"
     __table_args__ = (
@@ -163,5 +183,23 @@ class Job(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    queue: Mapped[str] = mapped_column(String(64), default="jobs")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    # The prior exam a comparison (new lesions) runs against, chosen at assembly.
+    prior_study_id: Mapped[int | None] = mapped_column(
+        ForeignKey("study.id", ondelete="SET NULL"), nullable=True
+    )
+    # The worker running it and until when its claim holds (renewed by heartbeats).
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failure_kind: Mapped[str] = mapped_column(String(16), default="")
+    # What the job found (JSON: lesion table, SEG reference, algorithm), read by the report.
+    result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Seconds per step of the last successful run (JSON object).
+    timings_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
-    study: Mapped[Study] = relationship(back_populates="jobs")
+    study: Mapped[Study] = relationship(back_populates="jobs", foreign_keys=[study_id])
+    prior_study: Mapped[Study | None] = relationship(foreign_keys=[prior_study_id])

@@ -37,6 +37,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS / "integration"))
 
 from orthanc_server import running_orthanc  # noqa: E402

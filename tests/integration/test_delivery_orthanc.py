@@ -8,7 +8,6 @@ our AE title is not retried and says why; `send-test` against both.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from orthanc_server import OrthancServer, running_orthanc
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesionwatch.config.schema import DeliveryConfig, DestinationConfig
-from lesionwatch.service.db import create_db_engine, migrate, session_factory
 from lesionwatch.service.db.delivery_models import AttemptOutcome, Delivery, DeliveryState
 from lesionwatch.service.delivery import enqueue_results, list_deliveries
 from lesionwatch.service.dispatcher import Dispatcher
@@ -96,14 +94,6 @@ def _result_objects(out_dir: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return _result_objects(tmp_path_factory.mktemp("results"))
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = create_db_engine(database_url)
-    migrate(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture(autouse=True)

@@ -105,3 +105,38 @@ def test_config_check_command_exit_status(
     assert main(["config", "check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:2:3: storage.min_free_disk_mb" in err
+
+
+def test_worker_and_broker_settings_are_checked(tmp_path: Path) -> None:
+    file = tmp_path / "site.yaml"
+    file.write_text(
+        "broker: {kind: rabbitmq, url: 'redis://localhost', consumer_timeout_s: 600}\n"
+        "worker: {job_timeout_s: 1200, retry_initial_delay_s: 60, retry_max_delay_s: 10}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(file, environ={})
+    messages = {p.path: p.message for p in caught.value.problems}
+    assert "amqp:// or amqps:// URL, not redis://" in messages["broker"]
+    assert "retry_max_delay_s must be at least retry_initial_delay_s" in messages["worker"]
+    file.write_text(
+        "broker: {kind: rabbitmq, url: 'amqp://lw@mq/%2F', consumer_timeout_s: 600}\n"
+        "worker: {job_timeout_s: 1200}\n"
+    )
+    with pytest.raises(ConfigError, match="consumer_timeout_s must exceed worker.job_timeout_s"):
+        load_config(file, environ={})
+
+
+def test_broker_option_selects_rabbitmq_by_its_url(tmp_path: Path) -> None:
+    import argparse
+
+    from lesionwatch.service.cli_support import CommandError, load_from_args
+
+    def config_for(broker: str) -> object:
+        args = argparse.Namespace(config=None, database=None, broker=broker, data_dir=tmp_path)
+        return load_from_args(args)
+
+    rabbit = config_for("amqp://guest:guest@mq:5672/%2F")
+    assert rabbit.broker.kind == "rabbitmq"  # type: ignore[attr-defined]
+    assert config_for("embedded").broker.kind == "embedded"  # type: ignore[attr-defined]
+    with pytest.raises(CommandError, match="amqp:// URL or 'embedded'"):
+        config_for("redis://mq")

@@ -84,7 +84,7 @@ def test_export_lists_every_object_sent(results: ResultObjects) -> None:
     listed = [o["sop_instance_uid"] for o in results.json["objects"]]  # type: ignore[index]
     assert listed == [str(ds.SOPInstanceUID) for ds in results.datasets]
     modalities = [o["modality"] for o in results.json["objects"]]  # type: ignore[index]
-    assert modalities.count("SEG") == 2 and modalities[-1] == "SR"
+    assert modalities.count("SEG") == 3 and modalities[-1] == "SR"  # one SEG per finding type
     segs = {o["sop_instance_uid"] for o in results.json["objects"] if o["modality"] == "SEG"}  # type: ignore[index]
     referenced = {f["seg_sop_instance_uid"] for f in results.json["findings"].values()}  # type: ignore[union-attr]
     assert referenced == segs

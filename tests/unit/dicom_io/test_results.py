@@ -1,4 +1,4 @@
-"""All result objects of a job: grouping per source series, config switches, stable UIDs."""
+"""Result objects: one SEG per finding type on its source grid, config switches, stable UIDs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from lesionwatch.dicom_io.output_uids import derive_uid
 from lesionwatch.dicom_io.results import (
     JobIdentity,
     ResultsInputError,
+    build_finding_objects,
     build_result_objects,
 )
 
@@ -21,18 +22,32 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     return build_study(tmp_path_factory.mktemp("study"))
 
 
-def test_one_seg_per_source_series_segments_per_finding_type(study: Study) -> None:
+def test_one_seg_per_finding_type_on_the_grid_of_its_source_series(study: Study) -> None:
     results = build_result_objects(study.findings(), job=JobIdentity("job-1"), prior=study.prior)
-    flair_seg, t1_seg = results.segmentations
-    labels = [s.SegmentLabel for s in flair_seg.SegmentSequence]
-    assert labels == ["MS lesion (FLAIR)", "New MS lesion"]
+    flair_seg, new_seg, t1_seg = results.segmentations
+    assert [s.SegmentLabel for s in flair_seg.SegmentSequence] == ["MS lesion (FLAIR)"]
+    assert [s.SegmentLabel for s in new_seg.SegmentSequence] == ["New MS lesion"]
     assert [s.SegmentLabel for s in t1_seg.SegmentSequence] == ["Enhancing MS lesion"]
     flair_uid, t1_uid = study.flair[0].SeriesInstanceUID, study.t1_post[0].SeriesInstanceUID
     assert flair_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair_uid
+    assert new_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair_uid
     assert t1_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == t1_uid
-    assert [ds.SeriesNumber for ds in results.datasets[:2]] == [9001, 9002]
+    assert [ds.SeriesNumber for ds in results.datasets[:3]] == [9001, 9002, 9003]
+    assert len({ds.SeriesInstanceUID for ds in results.segmentations}) == 3
     assert results.report is not None and results.report.SeriesNumber == 9020
-    assert {sc.SeriesNumber for sc in results.secondary_captures} == {9011, 9012}
+    assert {sc.SeriesNumber for sc in results.secondary_captures} == {9011, 9012, 9013}
+
+
+def test_finding_objects_built_apart_match_those_built_together(study: Study) -> None:
+    """The worker builds each finding type in its own job, the SR later: same objects."""
+    together = build_result_objects(study.findings(), job=JobIdentity("s"), prior=study.prior)
+    apart = [build_finding_objects(f, job=JobIdentity("s")) for f in study.findings()]
+    assert [o.segmentation.SOPInstanceUID for o in apart] == [
+        ds.SOPInstanceUID for ds in together.segmentations
+    ]
+    assert [sc.SOPInstanceUID for o in apart for sc in o.secondary_captures] == [
+        sc.SOPInstanceUID for sc in together.secondary_captures
+    ]
 
 
 def test_rebuilding_a_job_gives_the_same_uids_and_another_job_new_ones(study: Study) -> None:
@@ -62,7 +77,7 @@ def test_config_switches_each_object(study: Study) -> None:
         job=JobIdentity("job-1"),
         config=ResultsConfig(sr=False, secondary_capture=False, json_export=False),
     )
-    assert [ds.Modality for ds in only_seg.datasets] == ["SEG", "SEG"]
+    assert [ds.Modality for ds in only_seg.datasets] == ["SEG", "SEG"]  # FLAIR and enhancing
     assert only_seg.json is None and only_seg.report is None
     only_sc = build_result_objects(
         findings,
@@ -114,3 +129,21 @@ def test_derive_uid_is_stable_valid_and_role_specific() -> None:
         derive_uid("k", "r", "1.2.3")
     with pytest.raises(ValueError, match="job_key and a role"):
         derive_uid("", "r")
+
+
+def test_a_new_version_replaces_every_object_of_the_earlier_one(study: Study) -> None:
+    """Re-processing keeps the UIDs; captures of slices that no longer show a lesion are sent
+    again (labelled so) so that none of the earlier version's outlines stays at the PACS."""
+    [flair, new, _] = study.findings()
+    first = build_finding_objects(flair, job=JobIdentity("study-uid"))
+    fewer = type(new)(flair.finding_type, new.source_series, new.mask, new.lesions, new.algorithm)
+    second = build_finding_objects(
+        fewer, job=JobIdentity("study-uid"), also_capture_slices=first.capture_slices
+    )
+    assert first.segmentation is not None and second.segmentation is not None
+    assert second.segmentation.SOPInstanceUID == first.segmentation.SOPInstanceUID
+    old = {str(sc.SOPInstanceUID) for sc in first.secondary_captures}
+    assert old <= {str(sc.SOPInstanceUID) for sc in second.secondary_captures}
+    assert set(second.capture_slices) == set(first.capture_slices)
+    # The smaller finding leaves some earlier slices without a lesion: still replaced.
+    assert any(not fewer.mask.array[k].any() for k in second.capture_slices)

@@ -128,3 +128,26 @@ def test_real_siemens_series_renders_with_its_own_window() -> None:
     assert len(images) == len({k for k in range(96) if mask.array[k].any()})
     colour = FINDING_CONCEPTS[FindingType.ENHANCING_LESION].display_rgb
     assert _has_colour(images[0].pixel_array, colour)
+
+
+def test_oblique_slices_get_every_orientation_letter(study: Study) -> None:
+    """A series tilted 20 degrees (common for brain FLAIR along the AC-PC line): highdicom
+    only takes single letters, the image still says e.g. "PH" for its oblique columns."""
+    angle = np.deg2rad(20.0)
+    row = np.array([1.0, 0.0, 0.0])
+    column = np.array([0.0, np.cos(angle), np.sin(angle)])
+    normal = np.cross(row, column)
+    origin = np.asarray(study.flair[0].ImagePositionPatient, dtype=np.float64)
+    spacing = float(study.flair[0].SliceThickness)
+    tilted = []
+    for ds in sorted(study.flair, key=lambda d: int(d.InstanceNumber)):
+        copy = ds.copy()
+        k = int(ds.InstanceNumber) - 1
+        copy.ImageOrientationPatient = [*row, *column]
+        copy.ImagePositionPatient = list(origin + k * spacing * normal)
+        tilted.append(copy)
+    grid = load_series(tilted).volume
+    mask = balls(grid, [(20, 20, 10)], radius_mm=4.0)
+    [first, *_] = _captures(tilted, [OverlayLayer(FindingType.MS_LESION, mask, 1)])
+    assert list(first.PatientOrientation) == ["L", "PH"]
+    assert list(first.PatientOrientation) == list(patient_orientation(tilted[0]))

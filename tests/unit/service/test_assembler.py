@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,18 +11,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesionwatch.config.schema import AssemblyConfig, LateSeriesPolicy, PipelinesConfig, SeriesClass
 from lesionwatch.service.assembler import StudyAssembler
 from lesionwatch.service.db import Job, JobState, Series, Study, StudyState
-from lesionwatch.service.db.engine import create_db_engine, migrate, session_factory
+from lesionwatch.service.db.work_models import AuditEvent, OutboxMessage
+from lesionwatch.service.messages import JobMessage, decode_message
 from lesionwatch.service.queries import list_jobs
 
 T0 = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = create_db_engine(database_url)
-    migrate(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def add_study(
@@ -91,7 +83,20 @@ def test_waits_for_quiet_period_then_creates_jobs_in_one_step(
     assert "new_lesions: no prior study" in reason
     with sessions() as session:
         jobs = list_jobs(session)
-    assert {(j.pipeline, j.state) for j in jobs} == {("flair", "pending"), ("enhancing", "pending")}
+        messages = [decode_message(m.body.encode()) for m in session.scalars(select(OutboxMessage))]
+        audit = [(e.action, e.job_id) for e in session.scalars(select(AuditEvent))]
+    assert {(j.pipeline, j.state) for j in jobs} == {
+        ("flair", "pending"),
+        ("enhancing", "pending"),
+        ("new_lesions", "skipped"),  # the report says why it did not run
+    }
+    skipped = next(j for j in jobs if j.state == "skipped")
+    assert skipped.reason == "no prior study with a FLAIR series for this patient"
+    # Each runnable job's message waits in the outbox, committed with the job rows.
+    pending = {j.job_id: j for j in jobs if j.state == "pending"}
+    assert {m.job_id for m in messages} == set(pending)
+    assert all(isinstance(m, JobMessage) and m.study_instance_uid == "1.2.1" for m in messages)
+    assert {job_id for action, job_id in audit if action == "job.pending"} == set(pending)
     assert asm.run_once(T0 + timedelta(seconds=600)) == []  # decided once only
 
 
@@ -178,5 +183,7 @@ def test_late_series_policy(
     assert second[0].jobs == expected_jobs and second[0].generation == 1
     with sessions() as session:
         by_generation = {(j.pipeline, j.generation): j.state for j in session.scalars(select(Job))}
-    assert by_generation[("flair", 0)] is JobState.SUPERSEDED
+    # Only the pipelines that run again replace their earlier job; the others' results stand.
+    flair_before = JobState.SUPERSEDED if "flair" in expected_jobs else JobState.PENDING
+    assert by_generation[("flair", 0)] is flair_before
     assert all(by_generation[(name, 1)] is JobState.PENDING for name in expected_jobs)

@@ -37,7 +37,6 @@ from lesionwatch.dicom_io.scu import (
     associate,
     classify_store_status,
 )
-from lesionwatch.service.db import create_db_engine, migrate, session_factory
 from lesionwatch.service.db.delivery_models import AttemptOutcome, Delivery, DeliveryState
 from lesionwatch.service.delivery import (
     ResultFileError,
@@ -197,14 +196,6 @@ def node_factory() -> Iterator[NodeFactory]:
     yield start
     for server in servers:
         server.shutdown()
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = create_db_engine(database_url)
-    migrate(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def _enqueue(sessions: sessionmaker[Session], paths: list[Path], dests: list[str]) -> None:

@@ -1,0 +1,85 @@
+"""Read back what a LesionWatch report says: per finding type, the lesion count and total
+volume, and the report-level statements (prior compared, what was not assessed and why).
+
+Used by `make demo` to print what the stand-in PACS received, and by tests; it reads any
+TID 1500 report written by `dicom_io.sr` (highdicom parses the measurement groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+
+from lesionwatch.dicom_io.codes import COMMENT, NUMBER_OF_LESIONS, QUALITATIVE_EVALUATIONS, VOLUME
+
+__all__ = ["FindingSummary", "ReportSummary", "read_report_summary"]
+
+_SUMMARY_PREFIX = "Summary: "
+_VOLUME = hd.sr.CodedConcept(VOLUME.value, VOLUME.scheme_designator, VOLUME.meaning)
+_COUNT = hd.sr.CodedConcept(
+    NUMBER_OF_LESIONS.value, NUMBER_OF_LESIONS.scheme_designator, NUMBER_OF_LESIONS.meaning
+)
+
+
+@dataclass(frozen=True)
+class FindingSummary:
+    label: str  # e.g. "MS lesion (FLAIR)"
+    lesion_count: int
+    total_volume_ml: float
+    lesion_volumes_ml: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    study_instance_uid: str
+    sop_instance_uid: str
+    findings: tuple[FindingSummary, ...]
+    statements: tuple[str, ...] = field(default=())  # comments: prior, not assessed, version
+
+
+def _value(
+    group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations, name: hd.sr.CodedConcept
+) -> float:
+    measurements = group.get_measurements(name=name)
+    return float(measurements[0].value) if measurements else 0.0
+
+
+def read_report_summary(dataset: Dataset) -> ReportSummary:
+    report = hd.sr.Comprehensive3DSR.from_dataset(dataset, copy=True)
+    groups = report.content.get_volumetric_roi_measurement_groups()  # type: ignore[attr-defined]
+    per_lesion: dict[str, list[float]] = {}
+    summaries = []
+    for group in groups:
+        identifier = str(group.tracking_identifier)
+        if identifier.startswith(_SUMMARY_PREFIX):
+            summaries.append(group)
+        else:
+            label = identifier.rsplit(" ", 1)[0]
+            per_lesion.setdefault(label, []).append(_value(group, _VOLUME))
+    findings = []
+    for group in summaries:
+        label = str(group.tracking_identifier)[len(_SUMMARY_PREFIX) :]
+        findings.append(
+            FindingSummary(
+                label,
+                int(_value(group, _COUNT)),
+                _value(group, _VOLUME),
+                tuple(per_lesion.get(label, [])),
+            )
+        )
+    statements = []
+    for item in dataset.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue != QUALITATIVE_EVALUATIONS.value:
+            continue
+        for child in item.get("ContentSequence", []):
+            name = child.ConceptNameCodeSequence[0].CodeValue
+            if child.ValueType == "TEXT" and name == COMMENT.value:
+                statements.append(str(child.TextValue))
+    return ReportSummary(
+        str(dataset.StudyInstanceUID),
+        str(dataset.SOPInstanceUID),
+        tuple(findings),
+        tuple(statements),
+    )
