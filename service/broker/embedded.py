@@ -313,7 +313,7 @@ class EmbeddedBroker(Broker):
     def receive(self, queues: Sequence[str], timeout_s: float) -> ReceivedMessage | None:
         deadline = time.monotonic() + max(0.0, timeout_s)
         pause = _FIRST_POLL_S
-        watch = _CommitWatch(self._engine) if self._is_sqlite else None
+        watch: _CommitWatch | None = None
         try:
             while True:
                 with self._condition:
@@ -324,6 +324,8 @@ class EmbeddedBroker(Broker):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed.is_set():
                     return None
+                if watch is None and self._is_sqlite:
+                    watch = _CommitWatch(self._engine)  # only once there is a wait
                 self._wait(seen, min(pause, remaining), watch)
                 pause = min(pause * 2, self._poll_interval_s)
         finally:
