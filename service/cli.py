@@ -378,6 +378,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = _unavailable_service(exc)
+        if message is None:
+            raise
+        print(f"lesionwatch: {message}", file=sys.stderr)
+        return 3
+
+
+def _unavailable_service(exc: BaseException) -> str | None:
+    """A plain sentence when the database or the broker cannot be reached, else None."""
+    from sqlalchemy.exc import OperationalError
+
+    from .broker import BrokerUnavailableError
+
+    if isinstance(exc, OperationalError):
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        return (
+            f"cannot use the database: {reason} (check database.url / --database, and "
+            "that the server runs)"
+        )
+    if isinstance(exc, BrokerUnavailableError):
+        return f"cannot reach the broker: {exc} (check broker.url / --broker)"
+    return None
 
 
 if __name__ == "__main__":

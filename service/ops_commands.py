@@ -52,15 +52,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
     now = utcnow()
     try:
         print(f"broker: {runtime.broker.description}")
-        rows = []
-        for queue in runtime.queues():
-            try:
-                depth = runtime.broker.depth(queue)
-                in_flight = "?" if depth.in_flight < 0 else depth.in_flight
-                rows.append((queue, depth.ready, in_flight, depth.delayed, depth.dead))
-            except BrokerError as exc:
-                rows.append((queue, "?", "?", "?", f"unavailable: {exc}"))
-        print(format_table(["queue", "ready", "in flight", "delayed", "dead"], rows, 60))
+        try:
+            runtime.broker.ping()
+        except BrokerError as exc:
+            print(f"  UNAVAILABLE: {exc}")
+        else:
+            rows = []
+            for queue in runtime.queues():
+                try:
+                    depth = runtime.broker.depth(queue)
+                    in_flight = "?" if depth.in_flight < 0 else depth.in_flight
+                    rows.append((queue, depth.ready, in_flight, depth.delayed, depth.dead))
+                except BrokerError as exc:
+                    rows.append((queue, "?", "?", "?", f"unavailable: {exc}"))
+            print(format_table(["queue", "ready", "in flight", "delayed", "dead"], rows, 60))
         jobs = runtime.job_counts()
         print("\njobs: " + (", ".join(f"{s} {n}" for s, n in sorted(jobs.items())) or "none"))
         deliveries = runtime.delivery_counts()
