@@ -22,6 +22,7 @@ __all__ = [
     "ClassificationConfig",
     "ClassificationRule",
     "DatabaseConfig",
+    "EnhancingPipelineConfig",
     "InferenceConfig",
     "LateSeriesPolicy",
     "ListenerConfig",
@@ -202,12 +203,41 @@ class NewLesionsPipelineConfig(PipelineConfig):
     )
 
 
+class EnhancingPipelineConfig(PipelineConfig):
+    """The enhancing pipeline and its plausibility guard (pipelines/enhancing_guard.py)."""
+
+    require_flair_lesion: bool = Field(
+        True,
+        description="Keep only candidates that touch a lesion the FLAIR model finds in the "
+        "same study (when the study has a FLAIR series); enhancing MS lesions are FLAIR lesions",
+    )
+    flair_margin_mm: float = Field(
+        2.0, ge=0, le=10, description="FLAIR lesions are grown this much (motion between series)"
+    )
+    flair_overlap_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of a candidate that must lie in the (grown) FLAIR lesions",
+    )
+    guard_min_volume_mm3: float = Field(
+        10.0, ge=0, description="Smaller candidates are removed (counted in the report)"
+    )
+    surface_margin_mm: float = Field(
+        3.0,
+        ge=0,
+        le=20,
+        description="Candidates lying mostly this close to the brain's edge (dura, surface "
+        "vessels, sinuses) are removed",
+    )
+
+
 class PipelinesConfig(_Section):
     """The three MS pipelines. Names here are the pipeline names used in jobs and messages."""
 
     flair: PipelineConfig = PipelineConfig()
     new_lesions: NewLesionsPipelineConfig = NewLesionsPipelineConfig()
-    enhancing: PipelineConfig = PipelineConfig(
+    enhancing: EnhancingPipelineConfig = EnhancingPipelineConfig(
         required_series=(SeriesClass.T1_PRE, SeriesClass.T1_POST)
     )
 

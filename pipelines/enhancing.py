@@ -10,21 +10,23 @@ source grid.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
-from lesionwatch.config.schema import InferenceConfig, PipelineConfig
+from lesionwatch.config.schema import EnhancingPipelineConfig, InferenceConfig, PipelineConfig
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.models.unet3d import UNet3D
 from lesionwatch.models.weights import ModelCard
 from lesionwatch.pipelines.channels import TASK_CHANNELS, build_channels
+from lesionwatch.pipelines.enhancing_guard import GuardSettings, guard_candidates
 from lesionwatch.pipelines.lesion_inference import (
     LesionSegmentation,
     check_task_card,
     prepare_registered_pair,
     segment_on_working_grid,
 )
+from lesionwatch.pipelines.postprocess import Lesion
 
-__all__ = ["ENHANCING_CHANNELS", "EnhancingResult", "run_enhancing_pipeline"]
+__all__ = ["ENHANCING_CHANNELS", "EnhancingResult", "guard_settings", "run_enhancing_pipeline"]
 
 ENHANCING_CHANNELS = TASK_CHANNELS["enhancing"]
 
@@ -39,8 +41,13 @@ def run_enhancing_pipeline(
     card: ModelCard,
     inference_cfg: InferenceConfig,
     pipeline_cfg: PipelineConfig,
+    flair_lesions: ImageVolume | None = None,
 ) -> EnhancingResult:
-    """Segment gadolinium-enhancing lesions, on the T1-post grid."""
+    """Segment gadolinium-enhancing lesions, on the T1-post grid.
+
+    `flair_lesions`: the study's FLAIR lesion mask (any grid of the same patient space), the
+    guard's reference; None when the study has no FLAIR (the result is then unconfirmed).
+    """
     check_task_card(card, "enhancing", "enhancing-lesion", ENHANCING_CHANNELS)
     pair = prepare_registered_pair(
         t1_pre,
@@ -55,6 +62,24 @@ def run_enhancing_pipeline(
         {"t1_pre": pair.moving_registered, "t1_post": pair.fixed_image},
         post.brain_mask,
     )
+    settings = guard_settings(pipeline_cfg)
+
+    def check(labels: ImageVolume, lesions: list[Lesion]) -> tuple[ImageVolume, list[Lesion], Any]:
+        return guard_candidates(labels, lesions, post.brain_mask, flair_lesions, settings)
+
     return segment_on_working_grid(
-        image, post, model, card, inference_cfg, pipeline_cfg, pair.timings_s
+        image, post, model, card, inference_cfg, pipeline_cfg, pair.timings_s, check
+    )
+
+
+def guard_settings(pipeline_cfg: PipelineConfig) -> GuardSettings:
+    """The guard as configured (defaults for a plain PipelineConfig)."""
+    if not isinstance(pipeline_cfg, EnhancingPipelineConfig):
+        return GuardSettings()
+    return GuardSettings(
+        min_volume_mm3=pipeline_cfg.guard_min_volume_mm3,
+        surface_margin_mm=pipeline_cfg.surface_margin_mm,
+        flair_margin_mm=pipeline_cfg.flair_margin_mm,
+        flair_overlap_fraction=pipeline_cfg.flair_overlap_fraction,
+        require_flair_lesion=pipeline_cfg.require_flair_lesion,
     )

@@ -10,8 +10,9 @@ ids matching the table) goes back by nearest neighbour. Every step's wall time i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,7 @@ from lesionwatch.pipelines.preprocess import PreprocessResult, preprocess
 from lesionwatch.pipelines.steps.registration import register
 
 __all__ = [
+    "CandidateCheck",
     "LesionSegmentation",
     "RegisteredPair",
     "RegistrationName",
@@ -46,6 +48,12 @@ class LesionSegmentation:
     probability_source_grid: ImageVolume  # float32 lesion probability, source grid
     lesions: list[Lesion]  # measured on the working grid
     timings_s: dict[str, float] = field(default_factory=dict)
+    review: Any = None  # what a candidate check removed (enhancing_guard.CandidateReview)
+
+
+# Checks the candidates on the working grid: (labels, lesions) -> (kept labels, kept lesions,
+# a record of what was removed and why).
+CandidateCheck = Callable[[ImageVolume, list[Lesion]], tuple[ImageVolume, list[Lesion], Any]]
 
 
 def check_isotropic_card(card: ModelCard) -> None:
@@ -146,10 +154,12 @@ def segment_on_working_grid(
     inference_cfg: InferenceConfig,
     pipeline_cfg: PipelineConfig,
     timings: dict[str, float],
+    check: CandidateCheck | None = None,
 ) -> LesionSegmentation:
     """Network input (C, Z, Y, X) on `prepared`'s working grid -> lesions on its source grid.
 
     `timings` (the steps so far) are copied into the result, followed by this function's steps.
+    `check` reviews the candidate lesions before they are mapped back (enhancing guard).
     """
     timings = dict(timings)
     start = time.perf_counter()
@@ -164,6 +174,9 @@ def segment_on_working_grid(
     labels_1mm, lesions = label_lesions(
         probability_1mm, pipeline_cfg.threshold, pipeline_cfg.min_lesion_volume_mm3
     )
+    review = None
+    if check is not None:
+        labels_1mm, lesions, review = check(labels_1mm, lesions)
     timings["postprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -181,4 +194,5 @@ def segment_on_working_grid(
         probability_source_grid=probability,
         lesions=lesions,
         timings_s=timings,
+        review=review,
     )

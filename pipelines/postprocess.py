@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ __all__ = [
     "label_lesions",
     "lesion_table",
     "longest_diameter_mm",
+    "select_lesions",
     "write_lesion_table_csv",
 ]
 
@@ -134,6 +136,17 @@ def label_lesions(
         probability.array > threshold, probability.voxel_volume_mm3, min_volume_mm3
     )
     return probability.with_array(labels), _table(labels, count, probability)
+
+
+def select_lesions(
+    labels: ImageVolume, keep_ids: Iterable[int]
+) -> tuple[ImageVolume, list[Lesion]]:
+    """Only the lesions `keep_ids` of a label volume, numbered 1..n again, with their table."""
+    keep = np.zeros(int(labels.array.max(initial=0)) + 1, dtype=np.int32)
+    wanted = sorted({int(i) for i in keep_ids if 0 < int(i) < len(keep)})
+    keep[wanted] = np.arange(1, len(wanted) + 1, dtype=np.int32)
+    relabelled = keep[np.asarray(labels.array, dtype=np.int64)]
+    return labels.with_array(relabelled), _table(relabelled, len(wanted), labels)
 
 
 def write_lesion_table_csv(lesions: list[Lesion], path: str | Path) -> None:

@@ -34,10 +34,12 @@ class UnknownPipelineError(KeyError):
 
 @dataclass(frozen=True)
 class PipelineInputs:
-    """Image volumes by series class: the current study's, and the prior study's."""
+    """Image volumes by series class: the current study's, and the prior study's, plus the
+    lesion mask of the spec's `reference` pipeline on the same study (when it could run)."""
 
     current: Mapping[SeriesClass, ImageVolume]
     prior: Mapping[SeriesClass, ImageVolume] = field(default_factory=dict)
+    reference_lesions: ImageVolume | None = None
 
 
 Runner = Callable[
@@ -55,16 +57,25 @@ class PipelineSpec:
     result_series: SeriesClass  # its mask (and SEG) is on this series' grid
     prior_series: tuple[SeriesClass, ...]  # prior-study series it needs (empty: no prior)
     run: Runner
+    # Another pipeline whose lesions on the same study this one checks its candidates against
+    # (the enhancing guard keeps candidates inside FLAIR lesions); run first when it can.
+    reference: str | None = None
+    # What a reader must know about this pipeline's results, said in every report.
+    caution: str | None = None
 
     @property
     def needs_prior(self) -> bool:
         return bool(self.prior_series)
 
     def optional_series(self, card: ModelCard) -> tuple[SeriesClass, ...]:
-        """Series it uses when present and the model takes them (the FLAIR model's T1)."""
+        """Series it uses when present: the FLAIR model's T1 (if the model takes one), the
+        reference pipeline's series."""
+        wanted: tuple[SeriesClass, ...] = ()
         if self.name == "flair" and "t1" in card.architecture.channels:
-            return (SeriesClass.T1_PRE,)
-        return ()
+            wanted += (SeriesClass.T1_PRE,)
+        if self.reference is not None:
+            wanted += PIPELINES[self.reference].required_series
+        return tuple(dict.fromkeys(c for c in wanted if c not in self.required_series))
 
 
 def _run_flair(
@@ -121,6 +132,7 @@ def _run_enhancing(
         card,
         inference,
         config,
+        flair_lesions=inputs.reference_lesions,
     )
 
 
@@ -156,6 +168,9 @@ PIPELINES: dict[str, PipelineSpec] = {
             result_series=SeriesClass.T1_POST,
             prior_series=(),
             run=_run_enhancing,
+            reference="flair",
+            caution="found by a model trained on synthetic enhancing lesions only, not "
+            "validated on real enhancing-lesion masks: confirm each one on the images",
         ),
     )
 }

@@ -159,7 +159,10 @@ def _segment_inputs(args: argparse.Namespace) -> tuple[str, dict[Any, Path], dic
         return "flair", current, {}
     if args.pipeline == "new-lesions":
         return "new_lesions", {SeriesClass.FLAIR: args.current}, {SeriesClass.FLAIR: args.prior}
-    return "enhancing", {SeriesClass.T1_PRE: args.t1, SeriesClass.T1_POST: args.t1_post}, {}
+    current = {SeriesClass.T1_PRE: args.t1, SeriesClass.T1_POST: args.t1_post}
+    if args.flair is not None:
+        current[SeriesClass.FLAIR] = args.flair
+    return "enhancing", current, {}
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -199,6 +202,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         f"wrote {outputs.mask_path}: {outputs.lesion_count} lesions, "
         f"{outputs.total_volume_ml:.2f} mL"
     )
+    if outputs.review:
+        print(f"plausibility check: {outputs.review}")
     if args.table:
         print(f"wrote {args.table}")
     for path in outputs.dicom_files:
@@ -336,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enhancing.add_argument(
         "--t1-post", type=Path, required=True, help="T1 post-contrast, same study (NIfTI or DICOM)"
+    )
+    enhancing.add_argument(
+        "--flair",
+        type=Path,
+        help="FLAIR of the same study: candidates outside its lesions are removed (without it "
+        "the result is unconfirmed)",
     )
     enhancing.add_argument(
         "--out", type=Path, required=True, help="enhancing-lesion mask on the T1-post grid"

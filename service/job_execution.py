@@ -24,10 +24,12 @@ from pydicom.dataset import Dataset
 
 from lesionwatch.config.schema import InferenceConfig, PipelinesConfig, ResultsConfig, SeriesClass
 from lesionwatch.dicom_io.codes import FindingType
+from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.dicom_io.series_errors import DicomSeriesError
 from lesionwatch.dicom_io.series_files import read_dicom_file
 
 __all__ = [
+    "MASK_FILE",
     "ExecResult",
     "ExecutorSettings",
     "PermanentJobError",
@@ -42,6 +44,9 @@ __all__ = [
     "load_source_headers",
     "write_result_files",
 ]
+
+
+MASK_FILE = "mask.nii.gz"  # a pipeline job's lesion mask on its source grid
 
 
 class PermanentJobError(Exception):
@@ -82,6 +87,9 @@ class PipelineRequest:
     output_dir: str  # relative to the data directory; emptied first
     # Slices the previous version had secondary captures of (replaced, never left stale).
     previous_capture_slices: tuple[int, ...] = ()
+    # The reference pipeline's mask from its finished job on this study (relative path), so
+    # that it is not computed again (the enhancing guard's FLAIR lesions).
+    reference_mask: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,7 +204,8 @@ def execute_pipeline(
 ) -> ExecResult:
     """Run one pipeline job; `models` is the process's `pipelines.model_cache.ModelCache`."""
     from lesionwatch.dicom_io.results import FindingInput, JobIdentity, build_finding_objects
-    from lesionwatch.pipelines.registry import PipelineInputs, get_pipeline
+    from lesionwatch.pipelines.registry import get_pipeline
+    from lesionwatch.pipelines.runner import run_pipeline
 
     data_dir = Path(settings.data_dir)
     spec = get_pipeline(request.pipeline)
@@ -230,14 +239,13 @@ def execute_pipeline(
             prior[series_class], _ = _load(data_dir, request.prior.series[series_class])
     timings["load_series"] = time.perf_counter() - started
 
-    pipeline_cfg = getattr(settings.pipelines, spec.name)
-    segmentation = spec.run(
-        PipelineInputs(current, prior),
-        loaded.network,
-        loaded.card,
-        settings.inference,
-        pipeline_cfg,
-    )
+    reference = None
+    if request.reference_mask is not None and (data_dir / request.reference_mask).is_file():
+        reference = ImageVolume.load(data_dir / request.reference_mask)
+    segmentation = run_pipeline(
+        spec, current, prior, models, settings.inference, settings.pipelines,
+        reference_lesions=reference,
+    )  # fmt: skip
     timings.update(segmentation.timings_s)
 
     started = time.perf_counter()
@@ -257,6 +265,8 @@ def execute_pipeline(
     started = time.perf_counter()
     out_dir = _fresh_directory(data_dir / request.output_dir)
     written = write_result_files(objects.datasets, out_dir)
+    # The mask on the source grid, for pipelines that check against it (not sent anywhere).
+    segmentation.mask_source_grid.save(out_dir / MASK_FILE)
     timings["write_results"] = time.perf_counter() - started
 
     entry = objects.report_entry
@@ -296,6 +306,9 @@ def execute_pipeline(
             for ds in objects.datasets
         ],
         "capture_slices": list(objects.capture_slices),
+        "mask_file": str((out_dir / MASK_FILE).relative_to(data_dir)),
+        "review": review_record(segmentation.review),
+        "notes": [asdict(note) for note in finding_notes(spec, segmentation.review)],
         "device": str(models.device),
     }
     summary = (
@@ -305,6 +318,49 @@ def execute_pipeline(
     return ExecResult(
         tuple(str(p.relative_to(data_dir)) for p in written), record, timings, summary
     )
+
+
+def review_record(review: Any) -> dict[str, Any] | None:
+    """The candidate check's outcome as JSON (enhancing guard), or None."""
+    if review is None:
+        return None
+    return {
+        "candidates": review.candidates,
+        "kept": review.kept,
+        "removed": dict(review.removed),
+        "checked_against_flair": review.checked_against_flair,
+        "settings": asdict(review.settings),
+    }
+
+
+def finding_notes(spec: Any, review: Any) -> list[ReportNote]:
+    """What the report must say about this finding: the pipeline's caution, what its
+    candidate check removed, and whether it could be confirmed against FLAIR lesions."""
+    from lesionwatch.dicom_io.sr import AnalysisState
+
+    label = _FINDING_LABELS.get(spec.finding_type.value, spec.name)
+    warning = AnalysisState.QUALITY_WARNING.value
+    notes = []
+    if spec.caution:
+        notes.append(ReportNote(warning, f"{label}: {spec.caution}"))
+    if review is not None:
+        if any(review.removed.values()):
+            notes.append(ReportNote(warning, f"{label}: {review.summary()}"))
+        if not review.checked_against_flair:
+            why = (
+                "the study has no FLAIR series to check them against"
+                if review.settings.require_flair_lesion
+                else "the check against FLAIR lesions is switched off in the configuration"
+            )
+            notes.append(ReportNote(warning, f"{label} unconfirmed: {why}"))
+    return notes
+
+
+_FINDING_LABELS = {
+    "ms_lesion": "FLAIR lesions",
+    "new_lesion": "New lesions",
+    "enhancing_lesion": "Enhancing lesions",
+}
 
 
 # -- report jobs -----------------------------------------------------------------------------
@@ -374,6 +430,10 @@ def execute_report(request: ReportRequest, settings: ExecutorSettings) -> ExecRe
                 series=load_source_headers(data_dir, prior_info["files"]),
             )
     notes = [AnalysisNote(AnalysisState(n.state), n.detail) for n in request.notes]
+    for finding in findings:
+        notes += [
+            AnalysisNote(AnalysisState(n["state"]), n["detail"]) for n in finding.get("notes", [])
+        ]
     if request.version > 1:
         notes.append(
             AnalysisNote(

@@ -128,7 +128,22 @@ def pipeline_request(
         prior=prior,
         output_dir=result_dir(ticket.study_instance_uid, ticket.job_id),
         previous_capture_slices=_previous_capture_slices(session, ticket),
+        reference_mask=_reference_mask(session, ticket, spec.reference),
     )
+
+
+def _reference_mask(session: Session, ticket: JobTicket, reference: str | None) -> str | None:
+    """The mask file of the study's latest successful job of the `reference` pipeline."""
+    if reference is None:
+        return None
+    jobs = session.scalars(
+        select(Job).where(Job.study_id == ticket.study_id, Job.pipeline == reference)
+    ).all()
+    latest = latest_per_pipeline(jobs).get(reference)
+    if latest is None or latest.state != JobState.SUCCEEDED or not latest.result_json:
+        return None
+    mask_file = json.loads(latest.result_json).get("mask_file")
+    return str(mask_file) if mask_file else None
 
 
 def _previous_capture_slices(session: Session, ticket: JobTicket) -> tuple[int, ...]:

@@ -50,6 +50,7 @@ class SegmentOutputs:
     total_volume_ml: float
     timings_s: dict[str, float]
     dicom_files: tuple[Path, ...] = ()
+    review: str = ""  # what a candidate check removed (enhancing), in words
 
 
 def load_case_image(source: Path) -> CaseImage:
@@ -88,7 +89,8 @@ def segment(
     from lesionwatch.models.weights import WeightsIntegrityError
     from lesionwatch.pipelines.model_cache import ModelCache
     from lesionwatch.pipelines.postprocess import write_lesion_table_csv
-    from lesionwatch.pipelines.registry import PipelineInputs, get_pipeline
+    from lesionwatch.pipelines.registry import get_pipeline
+    from lesionwatch.pipelines.runner import run_pipeline
 
     spec = get_pipeline(pipeline)
     images = {c: load_case_image(p) for c, p in current.items()}
@@ -110,15 +112,13 @@ def segment(
         if "no weights for" in str(exc):
             raise SegmentInputError(str(exc)) from exc
         raise
-    result = spec.run(
-        PipelineInputs(
-            {c: image.volume for c, image in images.items()},
-            {c: image.volume for c, image in prior_images.items()},
-        ),
-        loaded.network,
-        loaded.card,
+    result = run_pipeline(
+        spec,
+        {c: image.volume for c, image in images.items()},
+        {c: image.volume for c, image in prior_images.items()},
+        models,
         config.inference,
-        getattr(config.pipelines, pipeline),
+        config.pipelines,
     )
     out_mask.parent.mkdir(parents=True, exist_ok=True)
     result.mask_source_grid.save(out_mask)
@@ -141,6 +141,7 @@ def segment(
         total_volume_ml=sum(lesion.volume_ml for lesion in result.lesions),
         timings_s=result.timings_s,
         dicom_files=files,
+        review="" if result.review is None else result.review.summary(),
     )
 
 
@@ -163,7 +164,7 @@ def _write_dicom_results(
     from lesionwatch.dicom_io.sr import AnalysisNote, AnalysisState, PriorStudyReference
     from lesionwatch.pipelines.registry import get_pipeline
 
-    from .job_execution import write_result_files
+    from .job_execution import finding_notes, write_result_files
 
     spec = get_pipeline(pipeline)
     study_uid = str(datasets[0].StudyInstanceUID)
@@ -180,7 +181,10 @@ def _write_dicom_results(
         config=config.results,
     )
     prior = None
-    notes = []
+    notes = [
+        AnalysisNote(AnalysisState(note.state), note.detail)
+        for note in finding_notes(spec, result.review)  # type: ignore[attr-defined]
+    ]
     prior_flair = prior_images.get(SeriesClass.FLAIR)
     if spec.needs_prior and prior_flair is not None and prior_flair.datasets:
         first = prior_flair.datasets[0]

@@ -158,6 +158,9 @@ def test_serve_sends_seg_and_sr_to_orthanc_once_and_reprocessing_replaces(
                 "Enhancing MS lesion",
             }
             assert any("New lesions" in s and "no prior" in s for s in summary.statements)
+            # The enhancing result says it is unvalidated and what the guard removed.
+            assert any("not validated on real enhancing-lesion masks" in s
+                       for s in summary.statements)  # fmt: skip
             # Each object was sent once: one C-STORE per instance in LesionWatch's audit trail.
             sent_objects = _sent_objects(data_dir)
             assert sent_objects and set(sent_objects.values()) == {1}

@@ -38,6 +38,14 @@ def test_shipped_weights_load_and_carry_their_evidence(task: str) -> None:
     if task == "enhancing":
         assert "SYNTHETIC" in card.evaluation
         assert card.metrics["synthetic_held_out_dice_n"] >= 1
+        # Marked as unvalidated on real lesions, with the false positives measured on real
+        # post-contrast studies before and after the plausibility guard.
+        assert "not validated on real enhancing lesions" in card.evaluation
+        assert (
+            card.metrics["real_false_positives_guard"]
+            < card.metrics["real_false_positives_no_guard"]
+        )
+        assert card.evaluation == results.read_text(encoding="utf-8")
     else:
         # the leave-one-subject-out table of all three arms, and which one shipped
         assert "from scratch" in card.evaluation and "## Shipped" in card.evaluation

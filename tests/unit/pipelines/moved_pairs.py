@@ -49,25 +49,34 @@ def _grid(like: sitk.Image, shift_mm: tuple[float, float, float]) -> sitk.Image:
     return grid
 
 
-def _sphere(grid: sitk.Image, centre: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+def _sphere(
+    grid: sitk.Image, centre: npt.NDArray[np.float64], radius_mm: float
+) -> npt.NDArray[np.bool_]:
     size = grid.GetSize()
     k, j, i = np.meshgrid(*(np.arange(n) for n in reversed(size)), indexing="ij")
     ijk = np.stack([i, j, k], axis=-1).astype(np.float64)
     direction = np.asarray(grid.GetDirection()).reshape(3, 3)
     points = np.asarray(grid.GetOrigin()) + (ijk * grid.GetSpacing()) @ direction.T
-    return np.linalg.norm(points - centre, axis=-1) <= SPHERE_RADIUS_MM
+    return np.linalg.norm(points - centre, axis=-1) <= radius_mm
 
 
-def moved_pair(earlier_file: str, later_file: str) -> MovedPair:
-    """`earlier_file` moved rigidly; `later_file` with a sphere at twice its 99th percentile."""
+def moved_pair(
+    earlier_file: str,
+    later_file: str,
+    *,
+    centre_index: tuple[int, int, int] = SPHERE_CENTRE_INDEX,
+    radius_mm: float = SPHERE_RADIUS_MM,
+) -> MovedPair:
+    """`earlier_file` moved rigidly; `later_file` with a sphere at twice its 99th percentile
+    (`centre_index` is a voxel of the 1 mm MNI image)."""
     earlier_1mm = sitk.ReadImage(str(PATIENT07 / earlier_file), sitk.sitkFloat32)
     later_1mm = sitk.ReadImage(str(PATIENT07 / later_file), sitk.sitkFloat32)
-    centre = np.asarray(later_1mm.TransformContinuousIndexToPhysicalPoint(SPHERE_CENTRE_INDEX))
+    centre = np.asarray(later_1mm.TransformContinuousIndexToPhysicalPoint(centre_index))
 
     later_grid = _grid(later_1mm, (0.0, 0.0, 0.0))
     later = sitk.Resample(later_1mm, later_grid, sitk.Transform(), sitk.sitkLinear, 0.0)
     array = sitk.GetArrayFromImage(later)
-    sphere = _sphere(later_grid, centre)
+    sphere = _sphere(later_grid, centre, radius_mm)
     array[sphere] = 2.0 * np.percentile(array[array > 0], 99)
     painted = sitk.GetImageFromArray(array)
     painted.CopyInformation(later)

@@ -12,13 +12,15 @@ import SimpleITK as sitk
 from known_unet import difference_threshold_unet
 from moved_pairs import PATIENT07, SPACING_MM, moved_pair
 
-from lesionwatch.config.schema import InferenceConfig, PipelineConfig
+from lesionwatch.config.schema import EnhancingPipelineConfig, InferenceConfig, PipelineConfig
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.models.unet3d import UNet3D
 from lesionwatch.models.weights import ModelCardMismatchError, load_model, save_model
 from lesionwatch.pipelines.enhancing import ENHANCING_CHANNELS, run_enhancing_pipeline
+from lesionwatch.pipelines.enhancing_guard import RemovalReason
 
 THRESHOLD_Z = 5.0
+LARGEST_LESION_INDEX = (98, 100, 61)  # (i, j, k): inside patient07's largest expert lesion
 
 
 def _save_and_load(tmp_path: Path, model: UNet3D, channels: tuple[str, ...], task: str):
@@ -75,6 +77,41 @@ def test_the_painted_lesion_is_found_and_the_rest_is_real_enhancement(tmp_path: 
     for lesion in others:
         assert _true_enhancement_z(lesion.centroid_lps_mm) > THRESHOLD_Z - 1.5, lesion
     assert "registration.rigid" in result.timings_s
+
+
+def test_the_guard_keeps_an_enhancing_lesion_in_a_flair_lesion_and_removes_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Real patient07 T1/T1POST: a lesion painted into its largest expert FLAIR lesion, and
+    the real enhancement of vessels and sinuses that a synthetic-trained model also finds.
+    With the expert FLAIR lesion mask as the study's FLAIR lesions, only the painted lesion
+    stays, and every other candidate is counted as removed."""
+    pair = moved_pair(
+        "T1.nii.gz", "T1POST.nii.gz", centre_index=LARGEST_LESION_INDEX, radius_mm=4.0
+    )
+    flair_lesions = ImageVolume.load(PATIENT07 / "lesion_mask.nii.gz")
+    assert flair_lesions.array[LARGEST_LESION_INDEX[::-1]] > 0
+    model, card = _save_and_load(
+        tmp_path, difference_threshold_unet(THRESHOLD_Z, 8.0), ENHANCING_CHANNELS, "enhancing"
+    )
+    config = EnhancingPipelineConfig(threshold=0.5, min_lesion_volume_mm3=3.0)
+    inference = InferenceConfig(device="cpu", patch_size_mm=64, step_mm=64, batch_size=2)
+    unchecked = run_enhancing_pipeline(pair.earlier, pair.later, model, card, inference, config)
+    checked = run_enhancing_pipeline(
+        pair.earlier, pair.later, model, card, inference, config, flair_lesions=flair_lesions
+    )
+
+    [kept] = checked.lesions
+    assert np.linalg.norm(np.subtract(kept.centroid_lps_mm, pair.sphere_centre_lps)) < 2.0
+    assert (checked.mask_source_grid.array > 0)[pair.sphere].mean() > 0.9
+    review = checked.review
+    assert review.checked_against_flair and review.kept == 1
+    outside = review.removed[RemovalReason.NO_FLAIR_LESION.value]
+    assert outside >= 1 and review.candidates == 1 + sum(review.removed.values())
+    # Without a FLAIR the same candidates pass the size and surface rules only: unconfirmed.
+    assert not unchecked.review.checked_against_flair
+    assert RemovalReason.NO_FLAIR_LESION.value not in unchecked.review.removed
+    assert len(unchecked.lesions) > len(checked.lesions)
 
 
 def test_cards_that_do_not_fit_the_enhancing_pipeline_are_refused(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lesionwatch.config.schema import PipelineConfig, PipelinesConfig, SeriesClass
+from lesionwatch.config.schema import EnhancingPipelineConfig, PipelinesConfig, SeriesClass
 from lesionwatch.dicom_io.codes import FindingType
 from lesionwatch.pipelines.registry import (
     PIPELINES,
@@ -44,7 +44,9 @@ def test_unknown_pipeline_names_say_which_exist() -> None:
 
 def test_config_that_would_start_a_pipeline_without_its_series_is_flagged() -> None:
     assert config_problems(PipelinesConfig()) == []
-    wrong = PipelinesConfig(enhancing=PipelineConfig(required_series=(SeriesClass.T1_POST,)))
+    wrong = PipelinesConfig(
+        enhancing=EnhancingPipelineConfig(required_series=(SeriesClass.T1_POST,))
+    )
     [problem] = config_problems(wrong)
     assert "pipelines.enhancing.required_series must include T1_PRE" in problem
 

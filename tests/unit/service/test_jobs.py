@@ -250,3 +250,23 @@ def test_a_running_job_whose_message_was_lost_is_published_again(
     assert isinstance(message, JobMessage) and message.job_id == stalled
     # Once per grace period, not at every pass.
     assert requeue_stalled_jobs(sessions, LEASE_S, grace_s=600, now=now) == 0
+
+
+def test_the_report_says_what_the_enhancing_guard_did_and_that_it_is_unvalidated() -> None:
+    from lesionwatch.pipelines.enhancing_guard import CandidateReview, RemovalReason
+    from lesionwatch.pipelines.registry import PIPELINES
+    from lesionwatch.service.job_execution import finding_notes
+
+    checked = CandidateReview(9, {RemovalReason.NO_FLAIR_LESION.value: 7}, True)
+    texts = [note.detail for note in finding_notes(PIPELINES["enhancing"], checked)]
+    assert texts[0].startswith("Enhancing lesions: found by a model trained on synthetic")
+    assert texts[1] == (
+        "Enhancing lesions: 7 of 9 candidate(s) removed as not plausible: 7 outside every "
+        "FLAIR lesion"
+    )
+    unchecked = CandidateReview(2, {}, False)
+    texts = [note.detail for note in finding_notes(PIPELINES["enhancing"], unchecked)]
+    assert texts[-1] == (
+        "Enhancing lesions unconfirmed: the study has no FLAIR series to check them against"
+    )
+    assert finding_notes(PIPELINES["flair"], None) == []
