@@ -82,6 +82,35 @@ class AllowedCaller(_Section):
     ae_title: str = Field(description="Calling AE title, or '*' for any")
     host: str | None = Field(None, description="Source IP address the AE must connect from")
 
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_can_match(cls, value: str) -> str:
+        # An entry that no association can ever match would silently admit nobody.
+        if value == "*":
+            return value
+        if not value.strip():
+            raise ValueError("an AE title cannot be empty or blank (use '*' for any AE title)")
+        if len(value.strip()) > 16:
+            raise ValueError(f"AE titles have at most 16 characters; {value!r} has {len(value)}")
+        if "\\" in value or any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+            raise ValueError(f"{value!r} has characters an AE title cannot hold")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_an_address(cls, value: str | None) -> str | None:
+        import ipaddress
+
+        if value is None:
+            return value
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IP address: callers are matched by the address they "
+                "connect from, and host names are not resolved (use e.g. 127.0.0.1 or ::1)"
+            ) from None
+
 
 class ListenerConfig(_Section):
     ae_title: AeTitle = "LESIONWATCH"

@@ -99,7 +99,7 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     from .queries import list_studies
     from .server import open_database
 
-    engine, sessions = open_database(_load(args))
+    engine, sessions = open_database(_load(args), existing=True)
     with sessions() as session:
         studies = list_studies(session, StudyState(args.state) if args.state else None)
     engine.dispose()
@@ -402,7 +402,10 @@ def _unavailable_service(exc: BaseException) -> str | None:
     from sqlalchemy.exc import OperationalError
 
     from .broker import BrokerUnavailableError
+    from .server import DatabaseMissingError
 
+    if isinstance(exc, DatabaseMissingError):
+        return str(exc)
     if isinstance(exc, OperationalError):
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
         return (

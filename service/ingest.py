@@ -265,10 +265,10 @@ class InstanceRecorder:
         session.add(series)
         session.flush()
         LOGGER.info(
-            "new series %s (#%s %r) in study %s classified %s by %s",
+            # No SeriesDescription: free text, where sites sometimes type a patient's name.
+            "new series %s (#%s) in study %s classified %s by %s",
             series.series_instance_uid,
             series.series_number,
-            series.series_description,
             study_uid,
             classification.series_class,
             classification.rule,

@@ -40,7 +40,7 @@ def _ago(then: datetime | None, now: datetime) -> str:
 def _runtime(args: argparse.Namespace) -> Any:
     from .server import Runtime
 
-    return Runtime(load_from_args(args))
+    return Runtime(load_from_args(args), existing=True)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -28,15 +29,40 @@ from .db.engine import create_db_engine, migrate, session_factory
 from .metrics import METRICS, HealthCheck, MetricsServer, SiteCollector
 from .outbox import OutboxRelay
 
-__all__ = ["ListenerService", "Roles", "Runtime", "ServiceProcess", "open_database"]
+__all__ = [
+    "DatabaseMissingError",
+    "ListenerService",
+    "Roles",
+    "Runtime",
+    "ServiceProcess",
+    "open_database",
+]
 
 log = logging.getLogger(__name__)
 
 _RELAY_INTERVAL_S = 2.0
 
 
-def open_database(config: LesionWatchConfig) -> tuple[Engine, sessionmaker[Session]]:
-    """Engine at the configured URL with the schema migrated to the newest revision."""
+class DatabaseMissingError(LookupError):
+    """A command that reads a site's state found no embedded database where it looked."""
+
+
+def open_database(
+    config: LesionWatchConfig, *, existing: bool = False
+) -> tuple[Engine, sessionmaker[Session]]:
+    """Engine at the configured URL with the schema migrated to the newest revision.
+
+    `existing`: refuse to create an embedded (SQLite) database that is not there yet: a
+    command run without the site's config would otherwise show an empty, new one.
+    """
+    url = config.database_url()
+    if existing and url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise DatabaseMissingError(
+                f"no LesionWatch database at {path}: pass the site's --config FILE (or set "
+                "LESIONWATCH_CONFIG), or --data-dir DIR / --database URL"
+            )
     engine = create_db_engine(
         config.database_url(), echo=config.database.echo, pool_size=config.database.pool_size
     )
@@ -47,9 +73,11 @@ def open_database(config: LesionWatchConfig) -> tuple[Engine, sessionmaker[Sessi
 class Runtime:
     """What every process shares: the config, the database, the broker and the outbox relay."""
 
-    def __init__(self, config: LesionWatchConfig, *, broker: Broker | None = None) -> None:
+    def __init__(
+        self, config: LesionWatchConfig, *, broker: Broker | None = None, existing: bool = False
+    ) -> None:
         self.config = config
-        self.engine, self.sessions = open_database(config)
+        self.engine, self.sessions = open_database(config, existing=existing)
         self.broker = broker or open_broker(config, self.engine)
         self.relay = OutboxRelay(self.sessions, self.broker)
 
