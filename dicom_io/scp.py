@@ -53,7 +53,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from lesionwatch.config.schema import ListenerConfig, StorageConfig, TlsConfig
 
 from .access_control import CallerPolicy
-from .archive import Archive, ArchivedInstance, ArchiveError, OutOfSpaceError
+from .archive import (
+    Archive,
+    ArchivedInstance,
+    ArchiveError,
+    InvalidUidError,
+    OutOfSpaceError,
+)
 
 if TYPE_CHECKING:
     from lesionwatch.service.ingest import RecordResult
@@ -430,17 +436,33 @@ class StoreSCP:
         return int(Status.SUCCESS)
 
     def _handle_store(self, event: Event) -> Dataset | int:
+        # The Error Comment goes to the peer: it says what is wrong with the request or what to
+        # do, never server paths or exception text (those stay in the local log).
         try:
             self._store(event)
         except _InvalidInstanceError as exc:
             return self._failure(event, exc.status, str(exc))
+        except InvalidUidError as exc:
+            return self._failure(
+                event, StoreStatus.CANNOT_UNDERSTAND, str(exc),
+                "a Study, Series or SOP Instance UID is not a valid DICOM UID",
+            )  # fmt: skip
         except OutOfSpaceError as exc:
-            return self._failure(event, StoreStatus.OUT_OF_RESOURCES, str(exc))
+            return self._failure(
+                event, StoreStatus.OUT_OF_RESOURCES, str(exc),
+                "out of disk space (below storage.min_free_disk_mb): retry later",
+            )  # fmt: skip
         except ArchiveError as exc:
-            return self._failure(event, StoreStatus.PROCESSING_FAILURE, str(exc))
+            return self._failure(
+                event, StoreStatus.PROCESSING_FAILURE, str(exc),
+                "cannot write the instance to the archive: retry later",
+            )  # fmt: skip
         except Exception as exc:  # a handler bug must fail one request, not the listener
             LOGGER.exception("C-STORE from %s failed unexpectedly", self._peer(event))
-            return self._failure(event, StoreStatus.PROCESSING_FAILURE, f"internal error: {exc}")
+            comment = "internal error: retry later"
+            if type(exc).__name__ == "RecordError":  # service.ingest (dicom_io cannot import it)
+                comment = "cannot record the instance (database error): retry later"
+            return self._failure(event, StoreStatus.PROCESSING_FAILURE, str(exc), comment)
         self._count(event, stored=True)
         return _SUCCESS
 
@@ -452,7 +474,10 @@ class StoreSCP:
             response.ErrorComment = comment[:_MAX_ERROR_COMMENT]
         return response
 
-    def _failure(self, event: Event, status: StoreStatus, reason: str) -> Dataset:
+    def _failure(
+        self, event: Event, status: StoreStatus, reason: str, comment: str | None = None
+    ) -> Dataset:
+        """Log `reason` here; answer `status` with `comment` (default: the reason)."""
         self._count(event, stored=False)
         request = cast(C_STORE, event.request)
         LOGGER.warning(
@@ -462,7 +487,7 @@ class StoreSCP:
             status.name,
             reason,
         )
-        return self._status(status, reason)
+        return self._status(status, reason if comment is None else comment)
 
     def _store(self, event: Event) -> None:
         request = cast(C_STORE, event.request)
