@@ -33,7 +33,11 @@ __all__ = [
     "NewLesionsPipelineConfig",
     "PipelineConfig",
     "PipelinesConfig",
+    "PriorSearchConfig",
+    "QueryPacsConfig",
     "ResultsConfig",
+    "RetrieveMethod",
+    "SegEncoding",
     "SeriesClass",
     "StorageConfig",
     "TlsConfig",
@@ -57,6 +61,17 @@ class SeriesClass(enum.StrEnum):
     T1_POST = "T1_POST"
     T2 = "T2"
     OTHER = "OTHER"
+
+
+class SegEncoding(enum.StrEnum):
+    """How the DICOM Segmentation stores its masks (README, "Viewers checked").
+
+    Both are the same Segmentation Storage object with the same geometry and segments;
+    they differ only in the pixel encoding, which decides which viewers draw it.
+    """
+
+    FRACTIONAL = "fractional"  # 8 bits a pixel, 0 or 255 (MaximumFractionalValue 255)
+    BINARY = "binary"  # 1 bit a pixel, frames packed back to back: 8x smaller
 
 
 class LateSeriesPolicy(enum.StrEnum):
@@ -124,10 +139,22 @@ class ListenerConfig(_Section):
         description="Anyone else is rejected; the default admits only this machine",
     )
     max_associations: int = Field(10, ge=1, le=200)
+    max_instance_mb: int = Field(
+        1024,
+        ge=1,
+        description="Largest data set accepted, after inflation of a deflated transfer "
+        "syntax; larger ones are refused with 0xA700 (received data sets stream to disk)",
+    )
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
-    maximum_pdu_size: int = Field(0, ge=0, description="0 means unlimited")
+    maximum_pdu_size: int = Field(
+        1_048_576,
+        ge=4096,
+        le=64 * 1_048_576,
+        description="Largest P-DATA PDU the listener accepts (advertised to senders); a "
+        "larger one aborts the association. pynetdicom holds one whole PDU in memory",
+    )
     tls: TlsConfig | None = None
 
 
@@ -461,6 +488,13 @@ class ResultsConfig(_Section):
     """Which result objects a job produces, and how they name their creator."""
 
     seg: bool = Field(True, description="DICOM Segmentation with the lesion masks")
+    seg_encoding: SegEncoding = Field(
+        SegEncoding.FRACTIONAL,
+        description=(
+            "SEG pixel encoding: 'fractional' (8-bit, drawn by OHIF and 3D Slicer) or "
+            "'binary' (1-bit, 8x smaller, but OHIF 3.13 cannot draw it; see README)"
+        ),
+    )
     sr: bool = Field(True, description="DICOM SR TID 1500 measurement report (references the SEG)")
     secondary_capture: bool = Field(
         True, description="Outlines burned onto source slices, for PACS that cannot show SEG"
@@ -486,6 +520,96 @@ class ResultsConfig(_Section):
         return self
 
 
+class RetrieveMethod(enum.StrEnum):
+    """How a prior series is fetched from the query PACS."""
+
+    MOVE = "move"  # C-MOVE to LesionWatch's own listener (the PACS must know its AE title)
+    GET = "get"  # C-GET over the query association (no inbound connection needed)
+
+
+class QueryPacsConfig(_Section):
+    """The PACS asked for a patient's prior exam (C-FIND, then C-MOVE or C-GET)."""
+
+    ae_title: AeTitle = Field(description="Called AE title of the PACS")
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: AeTitle | None = Field(
+        None, description="Our AE title as the PACS knows it; default: listener.ae_title"
+    )
+    move_destination: AeTitle | None = Field(
+        None,
+        description="C-MOVE destination AE title (the PACS must map it to our listener's host "
+        "and port); default: listener.ae_title",
+    )
+    retrieve_method: RetrieveMethod = RetrieveMethod.MOVE
+    tls: ClientTlsConfig | None = None
+    timeout_s: float = Field(
+        30.0, gt=0, description="Connect, association, DIMSE and network timeout of a query"
+    )
+    retrieve_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for one series' C-MOVE/C-GET to finish"
+    )
+
+
+class PriorSearchConfig(_Section):
+    """Finding a patient's prior exam when a new study starts to arrive (README, "Priors").
+
+    Off until `pacs` is set: then the local archive is searched first, the PACS next; the
+    current study waits for the search at most `deadline_s` after its first image.
+    """
+
+    pacs: QueryPacsConfig | None = Field(
+        None, description="The PACS to query; unset: only priors LesionWatch received itself"
+    )
+    lookback_days: int = Field(
+        1825, ge=1, le=36500, description="Oldest prior considered, in days before the study"
+    )
+    deadline_s: float = Field(
+        300.0,
+        gt=0,
+        description="The study is processed without a prior if the search has not ended this "
+        "long after its first image (the SR then says no prior could be retrieved)",
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Attempts (first included) after a failed query or retrieve"
+    )
+    retry_initial_delay_s: float = Field(10.0, ge=0)
+    retry_backoff_factor: float = Field(2.0, ge=1)
+    poll_interval_s: float = Field(2.0, gt=0, description="Longest wait between looks for work")
+    match_issuer_of_patient_id: bool = Field(
+        False,
+        description="Also require the same IssuerOfPatientID (sites with several ID domains)",
+    )
+    accession_link_attribute: str | None = Field(
+        None,
+        description="DICOM keyword of a current-study attribute holding the prior's "
+        "AccessionNumber (a site's order link); that study is then preferred",
+    )
+    accession_link_required: bool = Field(
+        False, description="Use only the linked study as the prior, never the most recent one"
+    )
+
+    @field_validator("accession_link_attribute")
+    @classmethod
+    def _keyword_exists(cls, value: str | None) -> str | None:
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        if value is None:
+            return value
+        tag = tag_for_keyword(value)
+        if tag is None:
+            raise ValueError(f"{value!r} is not a DICOM keyword (e.g. OtherStudyNumbers)")
+        if dictionary_VR(tag) == "SQ":
+            raise ValueError(f"{value!r} is a sequence; name an attribute that holds text")
+        return value
+
+    @model_validator(mode="after")
+    def _link_needs_attribute(self) -> PriorSearchConfig:
+        if self.accession_link_required and self.accession_link_attribute is None:
+            raise ValueError("accession_link_required needs accession_link_attribute")
+        return self
+
+
 class LesionWatchConfig(_Section):
     listener: ListenerConfig = ListenerConfig()
     storage: StorageConfig = StorageConfig()
@@ -501,6 +625,7 @@ class LesionWatchConfig(_Section):
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = DeliveryConfig()
     results: ResultsConfig = ResultsConfig()
+    prior_search: PriorSearchConfig = PriorSearchConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("destinations")

@@ -41,6 +41,7 @@ __all__ = [
     "InvalidUidError",
     "OutOfSpaceError",
     "PendingInstance",
+    "SpooledFile",
     "StoreOutcome",
 ]
 
@@ -56,6 +57,9 @@ _TEMP_SUFFIX = ".tmp"
 # same file system then moves them into place. Leftovers are unacknowledged partial writes.
 _INCOMING = ".incoming"
 _STALE_INCOMING_S = 3600.0  # older temporary files are crash leftovers, not writes in progress
+# Temporary names start with "<pid>.<process start time>-": a file whose process is gone is a
+# crash leftover at once (a restarted container reuses its pid, not its start time).
+_TEMP_OWNER = re.compile(r"(\d+)\.(\d+)-")
 
 
 class ArchiveError(Exception):
@@ -138,9 +142,9 @@ class Archive:
         self.incoming = self.root / _INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._remove_stale_incoming()
-        # Temporary names unique to this process: pid, a random tag and a counter (next() on
-        # itertools.count is atomic, so parallel associations never collide).
-        self._temp_prefix = f"{os.getpid()}-{os.urandom(4).hex()}"
+        # Temporary names unique to this process: its identity, a random tag and a counter
+        # (next() on itertools.count is atomic, so parallel associations never collide).
+        self._temp_prefix = f"{os.getpid()}.{_process_start(os.getpid())}-{os.urandom(4).hex()}"
         self._temp_counter = itertools.count()
 
     def relative_path(
@@ -190,12 +194,44 @@ class Archive:
         self.check_free_space()
         return PendingInstance(self, parts)
 
+    def adopt(self, spooled: SpooledFile) -> PendingInstance:
+        """Archive a file already written in :attr:`incoming` (a received data set)."""
+        return PendingInstance(self, (), spooled)
+
+    def new_temp_name(self) -> str:
+        """A file name in :attr:`incoming`, unique to this process, removed if it crashes."""
+        return f"{self._temp_prefix}-{next(self._temp_counter)}{_TEMP_SUFFIX}"
+
+    def remove_superseded(
+        self, relative_path: PurePosixPath | str, current: ArchivedInstance
+    ) -> None:
+        """Delete an instance's older copy once ``current`` (its new place) is recorded.
+
+        A re-send under other study or series UIDs leaves the old file at the old path; left
+        there it could be taken for the instance when the index is rebuilt.
+        """
+        old = self.root / PurePosixPath(relative_path)
+        if PurePosixPath(relative_path) == current.relative_path:
+            return
+        try:
+            old.unlink()
+            if self.fsync:
+                _fsync_directory(old.parent)
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # harmless to keep: the index and the newer mtime name the new one
+            LOGGER.warning("cannot remove the superseded copy %s: %s", old, exc)
+            return
+        LOGGER.info("removed %s: the instance is now %s", relative_path, current.relative_path)
+
     def _remove_stale_incoming(self) -> None:
         # Leftovers of a crash: never acknowledged, so the sender has (or will) send them again.
         stale_before = time.time() - _STALE_INCOMING_S
-        for temp in self.incoming.glob(f"*{_TEMP_SUFFIX}"):
+        for temp in self.incoming.iterdir():
             with contextlib.suppress(OSError):
-                if temp.stat().st_mtime < stale_before:
+                owner = _TEMP_OWNER.match(temp.name)
+                orphan = owner is not None and not _process_alive(int(owner[1]), int(owner[2]))
+                if orphan or temp.stat().st_mtime < stale_before:
                     temp.unlink()
 
     def _make_directories(self, directory: Path) -> None:
@@ -222,6 +258,34 @@ class Archive:
         return ArchiveError(f"cannot write {path}: {exc}")
 
 
+class SpooledFile(Protocol):
+    """A received data set already written to a file in the archive's ``.incoming``."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def size_bytes(self) -> int: ...
+    @property
+    def sha256(self) -> str: ...
+
+    def fsync(self) -> None: ...
+
+
+def _process_start(pid: int) -> int:
+    """The process's start time in clock ticks since boot (0 where /proc cannot tell)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+
+
+def _process_alive(pid: int, start: int) -> bool:
+    if start == 0:
+        return True  # no /proc: the age rule decides
+    return _process_start(pid) == start
+
+
 class PendingInstance:
     """An instance about to be archived: its digest and size are known, nothing is written yet.
 
@@ -234,16 +298,22 @@ class PendingInstance:
     overlap their disk waits.
     """
 
-    def __init__(self, archive: Archive, parts: Sequence[bytes]) -> None:
+    def __init__(
+        self, archive: Archive, parts: Sequence[bytes], spooled: SpooledFile | None = None
+    ) -> None:
         self._archive = archive
         self._parts = tuple(parts)
-        digest = hashlib.sha256()
-        size_bytes = 0
-        for part in self._parts:
-            digest.update(part)
-            size_bytes += len(part)
-        self.sha256 = digest.hexdigest()
-        self.size_bytes = size_bytes
+        self._spooled = spooled
+        if spooled is not None:
+            self.sha256, self.size_bytes = spooled.sha256, spooled.size_bytes
+        else:
+            digest = hashlib.sha256()
+            size_bytes = 0
+            for part in self._parts:
+                digest.update(part)
+                size_bytes += len(part)
+            self.sha256 = digest.hexdigest()
+            self.size_bytes = size_bytes
         self.relative_path = PurePosixPath()
         self._sop_instance_uid = ""
         self._result: ArchivedInstance | None = None
@@ -267,6 +337,8 @@ class PendingInstance:
             if target.exists():
                 previous_sha256 = _sha256_of_file(target)
                 if previous_sha256 == sha256:  # an identical re-send: nothing to write
+                    # ...but its mtime says when it was last acknowledged (index rebuilds).
+                    os.utime(target)
                     self._result = ArchivedInstance(
                         relative, size_bytes, sha256, StoreOutcome.DUPLICATE
                     )
@@ -274,7 +346,7 @@ class PendingInstance:
                     return self._result
         except OSError as exc:
             raise archive._error_for(exc, target) from exc
-        temp = self._write_temp()
+        temp = self._spooled_temp() if self._spooled is not None else self._write_temp()
         try:
             archive._make_directories(target.parent)
             os.replace(temp, target)
@@ -306,10 +378,18 @@ class PendingInstance:
         """Drop the unfinished instance (a refused instance leaves nothing behind)."""
         self._parts = ()
 
+    def _spooled_temp(self) -> Path:
+        assert self._spooled is not None
+        try:
+            if self._archive.fsync:
+                self._spooled.fsync()
+        except OSError as exc:
+            raise self._archive._error_for(exc, self._spooled.path) from exc
+        return self._spooled.path
+
     def _write_temp(self) -> Path:
         archive = self._archive
-        name = f"{archive._temp_prefix}-{next(archive._temp_counter)}{_TEMP_SUFFIX}"
-        temp = archive.incoming / name
+        temp = archive.incoming / archive.new_temp_name()
         try:
             # O_EXCL on a name unique to this process: cheaper than mkstemp's random probing.
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

@@ -207,6 +207,7 @@ def build_finding_objects(
             series_number=seg_number,
             equipment=equipment,
             series_description=f"LesionWatch {label} (computer-generated)",
+            encoding=config.seg_encoding,
         )
     lesions = [
         item if isinstance(item, LesionMeasurement) else LesionMeasurement.from_lesion(item)

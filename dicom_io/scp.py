@@ -19,25 +19,17 @@ from __future__ import annotations
 import enum
 import logging
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from io import BytesIO
 from typing import TYPE_CHECKING, Protocol, cast
 
-from pydicom import Dataset, dcmread, uid
-from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement
-from pydicom.filereader import read_dataset
-from pydicom.tag import SequenceDelimiterTag
+from pydicom import Dataset, uid
 from pydicom.uid import UID
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
     evt,
 )
 from pynetdicom import association as pynetdicom_association
@@ -52,6 +44,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from lesionwatch.config.schema import ListenerConfig, StorageConfig, TlsConfig
 
+from . import listener_guards, receive_spool
 from .access_control import CallerPolicy
 from .archive import (
     Archive,
@@ -60,6 +53,7 @@ from .archive import (
     InvalidUidError,
     OutOfSpaceError,
 )
+from .received_header import DataSetTooLargeError, UnreadableDataSetError, read_received_header
 
 if TYPE_CHECKING:
     from lesionwatch.service.ingest import RecordResult
@@ -127,14 +121,11 @@ STORAGE_SOP_CLASSES: tuple[UID, ...] = (
 # JPEG 2000, HTJ2K, RLE, ...): instances are stored as received, never transcoded.
 TRANSFER_SYNTAXES: tuple[str, ...] = tuple(ALL_TRANSFER_SYNTAXES)
 
-_PREAMBLE = b"\x00" * 128 + b"DICM"
 _BUSY_POLL_S = 0.0002
 _IDLE_POLL_S = 0.001  # pynetdicom's own delay
 _BUSY_WINDOW_S = 0.5
 _SUCCESS = int(StoreStatus.SUCCESS)  # a bare status: no response Dataset to build per instance
 _MAX_ERROR_COMMENT = 64  # Error Comment (0000,0902) is LO
-_UNDEFINED_LENGTH = 0xFFFF_FFFF  # PS3.5 7.1.1: value length of an undefined-length element
-_IMAGE_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 class _InvalidInstanceError(Exception):
@@ -143,6 +134,10 @@ class _InvalidInstanceError(Exception):
     def __init__(self, status: StoreStatus, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+
+
+class _TooLargeError(Exception):
+    """The data set exceeds listener.max_instance_mb (after inflation)."""
 
 
 @dataclass
@@ -308,6 +303,7 @@ class StoreSCP:
             fsync=storage.fsync,
             min_free_disk_mb=storage.min_free_disk_mb,
         )
+        self.max_instance_bytes = listener.max_instance_mb * 2**20
         self.recorder = recorder
         self.on_recorded = on_recorded
         self.policy = CallerPolicy.from_config(listener)
@@ -319,6 +315,14 @@ class StoreSCP:
     def _build_ae(self) -> AE:
         listener = self.listener
         ae = _PolicyAE(listener.ae_title, self.policy)
+        ae.guard_listener = True  # type: ignore[attr-defined]  # see listener_guards
+        # Received data sets stream to the archive's incoming folder (receive_spool).
+        ae.receive_spool = receive_spool.SpoolSettings(  # type: ignore[attr-defined]
+            directory=self.archive.incoming,
+            max_data_set_bytes=self.max_instance_bytes,
+            check_space=self.archive.check_free_space,
+            new_name=self.archive.new_temp_name,
+        )
         ae.require_called_aet = listener.require_called_ae_title
         ae.maximum_associations = listener.max_associations
         ae.acse_timeout = listener.acse_timeout_s
@@ -342,6 +346,8 @@ class StoreSCP:
             raise RuntimeError("the listener is already running")
         ssl_context = build_ssl_context(self.listener.tls) if self.listener.tls else None
         _ReactorClock.install()
+        receive_spool.install()
+        listener_guards.install()
         handlers = [
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
@@ -405,6 +411,7 @@ class StoreSCP:
         LOGGER.warning("association rejected: %s calling %r: %s", self._peer(event), called, reason)
 
     def _on_closed(self, event: Event) -> None:
+        receive_spool.abandon(id(event.assoc))  # a data set cut off by an abort
         with self._tally_lock:
             tally = self._tallies.pop(id(event.assoc), None)
         if tally is None:
@@ -442,6 +449,12 @@ class StoreSCP:
             self._store(event)
         except _InvalidInstanceError as exc:
             return self._failure(event, exc.status, str(exc))
+        except _TooLargeError as exc:
+            limit = self.listener.max_instance_mb
+            return self._failure(
+                event, StoreStatus.OUT_OF_RESOURCES, str(exc),
+                f"instance over listener.max_instance_mb={limit}",
+            )  # fmt: skip
         except InvalidUidError as exc:
             return self._failure(
                 event, StoreStatus.CANNOT_UNDERSTAND, str(exc),
@@ -491,144 +504,52 @@ class StoreSCP:
 
     def _store(self, event: Event) -> None:
         request = cast(C_STORE, event.request)
-        if request.DataSet is None:
-            raise _InvalidInstanceError(StoreStatus.CANNOT_UNDERSTAND, "request has no data set")
-        # The data set bytes exactly as the peer sent them: never decoded and re-encoded.
-        encoded = request.DataSet.getvalue()
+        spool = receive_spool.take(event.dataset_path)
+        if spool is None:  # pynetdicom wrote it somewhere else: not our association's AE
+            raise _InvalidInstanceError(StoreStatus.PROCESSING_FAILURE, "data set not spooled")
+        if isinstance(spool.refusal, receive_spool.TooLargeError):
+            raise _TooLargeError(str(spool.refusal))
+        if spool.refusal is not None:
+            raise OutOfSpaceError(str(spool.refusal))
         transfer_syntax = UID(str(event.context.transfer_syntax))
-        meta = _file_meta_bytes(request, transfer_syntax, event.assoc.requestor.ae_title)
-        parts = (meta, encoded)
-
-        # Checked before anything is written; then the file is made durable (fsync, rename,
-        # directory fsync) and only after that is its row committed, so a row never names a
-        # file that is not durable, and a file without a row is re-indexed by reconciliation.
-        pending = self.archive.begin(parts)  # refuses below the disk watermark
         try:
-            dataset = _parse_header(parts, transfer_syntax)
-            _check_identity(
-                dataset, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+            dataset = read_received_header(
+                spool.path, spool.data_offset, transfer_syntax, self.max_instance_bytes
             )
-            archived = pending.place(
+        except UnreadableDataSetError as exc:
+            raise _InvalidInstanceError(StoreStatus.CANNOT_UNDERSTAND, str(exc)) from exc
+        except DataSetTooLargeError as exc:
+            raise _TooLargeError(str(exc)) from exc
+        _check_identity(
+            dataset, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+        )
+        # The spool file is made durable (fsync, rename, directory fsync) and only then its
+        # row committed, so a row never names a file that is not durable, and a file without a
+        # row is re-indexed by reconciliation. pynetdicom unlinks what was not renamed.
+        archived = (
+            self.archive.adopt(spool)
+            .place(
                 str(dataset.StudyInstanceUID),
                 str(dataset.SeriesInstanceUID),
                 str(dataset.SOPInstanceUID),
-            ).finish()
-        finally:
-            pending.discard()  # drops the buffered bytes
+            )
+            .finish()
+        )
         result = self.recorder.record(
             dataset,
             archived,
             transfer_syntax_uid=str(transfer_syntax),
             calling_ae_title=event.assoc.requestor.ae_title,
         )
-        if result is not None and self.on_recorded is not None:
+        if result is None:
+            return
+        if result.superseded_path is not None:
+            self.archive.remove_superseded(result.superseded_path, archived)
+        if self.on_recorded is not None:
             try:
                 self.on_recorded(result)
             except Exception:
                 LOGGER.exception("on_recorded hook failed for %s", dataset.SOPInstanceUID)
-
-
-def _file_meta_bytes(request: C_STORE, transfer_syntax: UID, calling_ae_title: str) -> bytes:
-    """Preamble and File Meta Information (PS3.10 7.1) of the archived file.
-
-    The eight group 0002 elements are encoded here directly (explicit VR little endian, as
-    pydicom's ``write_file_meta_info`` writes them): building and validating a pydicom
-    Dataset for them cost more than parsing the whole received header.
-    """
-    elements = b"".join(
-        (
-            _META_VERSION,
-            _meta_element(0x0002, b"UI", _uid_value(request.AffectedSOPClassUID)),
-            _meta_element(0x0003, b"UI", _uid_value(request.AffectedSOPInstanceUID)),
-            _meta_element(0x0010, b"UI", _uid_value(transfer_syntax)),
-            _META_IMPLEMENTATION,
-            _meta_element(0x0016, b"AE", _text_value(calling_ae_title)),
-        )
-    )
-    group_length = _meta_element(0x0000, b"UL", struct.pack("<L", len(elements)))
-    return _PREAMBLE + group_length + elements
-
-
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    """One group 0002 element with a 2-byte length (every VR used here but OB)."""
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
-
-
-def _uid_value(value: object) -> bytes:
-    encoded = str(value).encode("ascii")
-    return encoded + b"\x00" if len(encoded) % 2 else encoded
-
-
-def _text_value(value: str) -> bytes:
-    encoded = value.strip().encode("ascii")
-    return encoded + b" " if len(encoded) % 2 else encoded
-
-
-# (0002,0001) File Meta Information Version 00\01 (OB: reserved bytes, 4-byte length).
-_META_VERSION = struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01"
-_META_IMPLEMENTATION = _meta_element(
-    0x0012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID)
-) + _meta_element(0x0013, b"SH", _text_value(PYNETDICOM_IMPLEMENTATION_VERSION))
-
-
-def _parse_header(parts: tuple[bytes, bytes], transfer_syntax: UID) -> Dataset:
-    """Parse the received data set far enough to check it; pixel values are never decoded."""
-    encoded = parts[1]
-    if not encoded:
-        raise _InvalidInstanceError(StoreStatus.CANNOT_UNDERSTAND, "the data set is empty")
-    try:
-        if transfer_syntax.is_deflated:  # dcmread inflates; the rest is parsed in place
-            dataset: Dataset = dcmread(BytesIO(b"".join(parts)))
-        else:
-            dataset = read_dataset(
-                BytesIO(encoded),
-                transfer_syntax.is_implicit_VR,
-                transfer_syntax.is_little_endian,
-            )
-    except Exception as exc:
-        raise _InvalidInstanceError(
-            StoreStatus.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}"
-        ) from exc
-    _check_complete(dataset, encoded, transfer_syntax)
-    return dataset
-
-
-def _check_complete(dataset: Dataset, encoded: bytes, transfer_syntax: UID) -> None:
-    """Catch truncated data sets: pydicom reads a short last element without complaint."""
-    for element in dataset._dict.values():
-        if (
-            isinstance(element, RawDataElement)
-            and element.length != _UNDEFINED_LENGTH
-            and isinstance(element.value, bytes)
-            and len(element.value) != element.length
-        ):
-            raise _InvalidInstanceError(
-                StoreStatus.CANNOT_UNDERSTAND,
-                f"data set truncated in {element.tag} ({len(element.value)} of "
-                f"{element.length} bytes)",
-            )
-    if "Rows" not in dataset or "Columns" not in dataset:
-        return
-    present = [keyword for keyword in _IMAGE_PIXEL_KEYWORDS if keyword in dataset]
-    if not present:
-        raise _InvalidInstanceError(
-            StoreStatus.CANNOT_UNDERSTAND, "image has Rows/Columns but no pixel data"
-        )
-    pixel_element = dataset._dict[tag_for_keyword(present[0])]  # type: ignore[index]
-    if (
-        isinstance(pixel_element, RawDataElement)
-        and pixel_element.length == _UNDEFINED_LENGTH
-        and transfer_syntax.is_encapsulated
-        and not transfer_syntax.is_deflated
-        and list(dataset.keys())[-1] == pixel_element.tag
-    ):
-        # Encapsulated pixel data that ends the data set must end with its delimiter item.
-        delimiter = struct.pack("<HHL", SequenceDelimiterTag.group, SequenceDelimiterTag.element, 0)
-        if not encoded.endswith(delimiter):
-            raise _InvalidInstanceError(
-                StoreStatus.CANNOT_UNDERSTAND,
-                "encapsulated pixel data truncated (no sequence delimiter)",
-            )
 
 
 def _check_identity(dataset: Dataset, sop_class_uid: str, sop_instance_uid: str) -> None:

@@ -36,7 +36,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import (
     STATUS_FAILURE,
@@ -337,9 +338,18 @@ def _diagnose(
     )
 
 
-def associate(dest: DestinationConfig, contexts: Iterable[tuple[str, str]]) -> AssociationAttempt:
+def associate(
+    dest: DestinationConfig,
+    contexts: Iterable[tuple[str, str]],
+    *,
+    ext_neg: Sequence[SCP_SCU_RoleSelectionNegotiation] = (),
+    evt_handlers: Sequence[tuple[evt.InterventionEvent, Callable[..., object]]] = (),
+) -> AssociationAttempt:
     """Request an association proposing exactly the given (abstract syntax, transfer syntax)
-    pairs, one transfer syntax per presentation context."""
+    pairs, one transfer syntax per presentation context.
+
+    `ext_neg` (e.g. SCP/SCU role selection for C-GET) and `evt_handlers` (e.g. the C-STORE
+    handler receiving C-GET sub-operations) are passed to pynetdicom as they are."""
     ae = AE(ae_title=dest.calling_ae_title)
     ae.connection_timeout = dest.timeout_s
     ae.acse_timeout = dest.timeout_s
@@ -367,7 +377,8 @@ def associate(dest: DestinationConfig, contexts: Iterable[tuple[str, str]]) -> A
         dest.port,
         ae_title=dest.ae_title,
         tls_args=tls,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.set())],
+        ext_neg=list(ext_neg) or None,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.set()), *evt_handlers],
     )
     if assoc.is_established:
         return AssociationAttempt(assoc, None)

@@ -1,4 +1,4 @@
-"""Binary DICOM Segmentation in the exact geometry of the source series.
+"""DICOM Segmentation in the exact geometry of the source series.
 
 One SEG per source series, one segment per finding type derived from that series (FLAIR:
 MS lesions and new lesions; T1 post-contrast: enhancing lesions). Viewer pitfalls avoided:
@@ -6,6 +6,11 @@ MS lesions and new lesions; T1 post-contrast: enhancing lesions). Viewer pitfall
   shifted overlays in OHIF);
 - one frame per source slice, each frame referencing its source instance, so a frame never
   spans several slices and the plane positions are the source's own.
+- 8-bit FRACTIONAL pixels by default (`SegEncoding`): OHIF 3.13 over DICOMweb draws no
+  1-bit BINARY SEG whose frames are not a whole number of bytes (it rejects the even-length
+  padding of the whole instance, Orthanc refuses single 1-bit frames whose columns are not a
+  multiple of 8, and frames starting mid-byte are read in the wrong bit order). BINARY stays
+  available, padded with a null byte (highdicom pads odd-length 1-bit data with "0", 0x30).
 The mask must already lie on the source grid; `slice_indices` proves that slice by slice.
 """
 
@@ -19,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
+from lesionwatch.config.schema import SegEncoding
 from lesionwatch.dicom_io.codes import (
     ALGORITHM_FAMILY,
     ANATOMIC_REGION_BRAIN,
@@ -30,6 +36,7 @@ from lesionwatch.dicom_io.image_volume import ImageVolume
 __all__ = [
     "AlgorithmIdentity",
     "Equipment",
+    "SegEncoding",
     "SegmentInput",
     "SegmentationGeometryError",
     "build_segmentation",
@@ -181,8 +188,13 @@ def build_segmentation(
     series_number: int,
     equipment: Equipment,
     series_description: str = "LesionWatch lesions (computer-generated)",
+    encoding: SegEncoding = SegEncoding.FRACTIONAL,
 ) -> hd.seg.Segmentation:
-    """A binary SEG with segment i+1 = `segments[i]`, one frame per source slice and segment."""
+    """A SEG with segment i+1 = `segments[i]`, one frame per source slice and segment.
+
+    Every pixel is in or out of its segment under either `encoding`: FRACTIONAL stores 0 or
+    255 (MaximumFractionalValue 255, SegmentationFractionalType PROBABILITY), BINARY 0 or 1.
+    """
     if not segments:
         raise ValueError("build_segmentation needs at least one segment")
     grid = segments[0].mask
@@ -200,11 +212,19 @@ def build_segmentation(
     sorted_ks = [ks[int(i)] for i in order]
     # (frames, rows, columns, segments): frame f is source image sorted_sources[f]
     labels = np.stack([np.asarray(s.mask.array) > 0 for s in segments], axis=-1)
-    pixel_array = np.ascontiguousarray(labels[sorted_ks]).astype(np.uint8)
+    in_segment = np.ascontiguousarray(labels[sorted_ks])
+    binary = encoding is SegEncoding.BINARY
     seg = hd.seg.Segmentation(
         source_images=sorted_sources,
-        pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        # float 0.0/1.0: highdicom scales FRACTIONAL to 0/255; uint8 0/1 for BINARY
+        pixel_array=in_segment.astype(np.uint8 if binary else np.float32),
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.BINARY
+            if binary
+            else hd.seg.SegmentationTypeValues.FRACTIONAL
+        ),
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=255,
         segment_descriptions=[_segment_description(n + 1, s) for n, s in enumerate(segments)],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -219,4 +239,18 @@ def build_segmentation(
         omit_empty_frames=False,
     )
     seg.SeriesDescription = series_description[:64]
+    if binary:
+        _null_pad_bits(seg, in_segment.size)
     return seg
+
+
+def _null_pad_bits(seg: hd.seg.Segmentation, n_pixels: int) -> None:
+    """Make the padding byte of odd-length 1-bit PixelData 0x00 (PS3.5 8.1.1).
+
+    highdicom 0.28 appends the character "0" (0x30); the bits past the last pixel are not
+    pixels, and a reader that decodes them must find zeros.
+    """
+    n_bytes = (n_pixels + 7) // 8
+    data = bytes(seg.PixelData)
+    if len(data) == n_bytes + 1 and n_bytes % 2 == 1:
+        seg.PixelData = data[:n_bytes] + b"\x00"

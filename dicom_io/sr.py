@@ -4,12 +4,22 @@ Content, in TID 1500 order:
 - observation context: the LesionWatch device as observer;
 - procedure reported (CID 100);
 - imaging measurements:
-  - one TID 1411 volumetric group per lesion: tracking identifier + UID, finding category and
-    type, finding site brain, volume (mL, sum of segmented voxels) and longest diameter (mm)
-    each with its algorithm (name, version, model card hash), a reference to its SEG segment,
-    and for new lesions the evaluation "New";
+  - per lesion, two groups with the same tracking identifier and UID:
+    - a TID 1411 volumetric group: finding category and type, finding site brain, volume (mL,
+      sum of segmented voxels) and longest diameter (mm) each with its algorithm (name,
+      version, model card hash), a reference to its SEG segment, and for new lesions the
+      evaluation "New";
+    - a TID 1410 planar group locating the lesion: an "Image Region" POINT on the lesion's
+      largest slice, SELECTED FROM that source image (so in the source's frame of
+      reference), at the lesion pixel nearest its centroid (a centroid may lie outside an
+      oddly shaped lesion), with the same finding and site and no measurements. This is what
+      viewers list and jump to: TID 1411 cannot carry coordinates beside a segment
+      reference (PixelMed: "condition not satisfied" / "not in template"), and OHIF 3 only
+      turns groups with a top-level SCOORD into measurements (a 1-point "Image Region"
+      becomes its Probe tool);
   - one summary group per finding type on its whole segment: number of lesions and total
-    volume (TID 1411 as well, see `_summary_group`);
+    volume (TID 1411 as well, see `_summary_group`), located like a lesion at its largest
+    lesion (`_summary_location`; OHIF fails on groups without coordinates);
 - qualitative evaluations (report level): whether a prior was compared (and which), and
   every analysis state a reader must know (no prior, series missing, quality warnings).
 The document is COMPLETE and UNVERIFIED: no human has signed it.
@@ -18,13 +28,16 @@ The document is COMPLETE and UNVERIFIED: no human has signed it.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from scipy import ndimage
 
 from lesionwatch.dicom_io.codes import (
     ALGORITHM_FAMILY,
@@ -48,6 +61,8 @@ from lesionwatch.dicom_io.codes import (
 )
 from lesionwatch.dicom_io.output_uids import derive_uid
 from lesionwatch.dicom_io.seg import AlgorithmIdentity, Equipment
+
+LOGGER = logging.getLogger(__name__)
 
 __all__ = [
     "AnalysisNote",
@@ -186,11 +201,131 @@ def _evaluations(finding: FindingReport) -> list[hd.sr.QualitativeEvaluation] | 
     return [hd.sr.QualitativeEvaluation(ASSESSMENT_BY_COMPARISON, modifier)]
 
 
-def _lesion_group(
+@dataclass(frozen=True)
+class _SegmentStack:
+    """One SEG segment on its source images, stacked along the slice normal."""
+
+    sources: list[Dataset]  # k -> source image
+    mask: np.ndarray  # (k, row, column) bool
+    labels: np.ndarray  # 26-connected components of `mask`, 1..n
+    centroids_lps_mm: np.ndarray  # (n, 3): centroid of component c at row c - 1
+
+
+def _located_segment(finding: FindingReport, evidence: Sequence[Dataset]) -> _SegmentStack | None:
+    """The segment to locate lesions in, or None (logged): locations are a viewer aid, and a
+    SEG that cannot be decoded here must not cost the report its counts and volumes."""
+    try:
+        return _segment_stack(finding, evidence)
+    except Exception:
+        LOGGER.warning(
+            "%s: cannot decode the SEG to locate lesions; the SR gives no locations",
+            finding.finding_type.value,
+            exc_info=True,
+        )
+        return None
+
+
+def _segment_stack(finding: FindingReport, evidence: Sequence[Dataset]) -> _SegmentStack:
+    """Decode the finding's segment on the source images given as evidence."""
+    if finding.segmentation is None:
+        raise ValueError(f"{finding.finding_type.value}: lesion locations need the SEG")
+    sources = [
+        ds
+        for ds in evidence
+        if str(ds.get("SeriesInstanceUID", "")) == finding.source_series_instance_uid
+        and "ImagePositionPatient" in ds
+    ]
+    if not sources:
+        raise ValueError(
+            f"{finding.finding_type.value}: lesion locations need the source images "
+            f"(series {finding.source_series_instance_uid}) as evidence"
+        )
+    orientation = np.asarray(sources[0].ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    sources.sort(key=lambda ds: float(normal @ np.asarray(ds.ImagePositionPatient, float)))
+    segmentation = hd.seg.Segmentation.from_dataset(finding.segmentation, copy=True)
+    pixels = segmentation.get_pixels_by_source_instance(
+        [str(ds.SOPInstanceUID) for ds in sources],
+        segment_numbers=[finding.segment_number],
+        assert_missing_frames_are_empty=True,
+    )
+    mask = np.asarray(pixels[..., 0] > 0)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    centroids = np.zeros((count, 3))
+    if count:
+        kji = np.asarray(ndimage.center_of_mass(mask, labels, range(1, count + 1)))
+        centroids = _index_to_lps(sources, kji)
+    return _SegmentStack(sources, mask, labels, centroids)
+
+
+def _slice_step_mm(stack: _SegmentStack) -> float:
+    if len(stack.sources) < 2:
+        return 0.0
+    positions = np.asarray([ds.ImagePositionPatient for ds in stack.sources], dtype=np.float64)
+    return float(np.median(np.linalg.norm(np.diff(positions, axis=0), axis=1)))
+
+
+def _index_to_lps(sources: Sequence[Dataset], kji: np.ndarray) -> np.ndarray:
+    """(n, 3) fractional (k, row, column) indices of the stack -> LPS mm (slice positions
+    interpolated, so uneven slice spacing is fine)."""
+    positions = np.asarray([ds.ImagePositionPatient for ds in sources], dtype=np.float64)
+    orientation = np.asarray(sources[0].ImageOrientationPatient, dtype=np.float64)
+    row_spacing, column_spacing = (float(v) for v in sources[0].PixelSpacing)
+    slots = np.arange(len(sources))
+    origin = np.stack([np.interp(kji[:, 0], slots, positions[:, a]) for a in range(3)], axis=1)
+    along_row = kji[:, 2:3] * column_spacing * orientation[None, :3]
+    along_column = kji[:, 1:2] * row_spacing * orientation[None, 3:]
+    return np.asarray(origin + along_row + along_column)
+
+
+def _location(stack: _SegmentStack | None, lesion: LesionMeasurement) -> hd.sr.ImageRegion | None:
+    """A POINT inside the lesion: on the source image where the lesion is largest, the lesion
+    pixel nearest its centroid (pixel centre; SCOORD (0, 0) is the top left pixel's corner).
+
+    None where the SEG has no component at the lesion's centroid (a lesion table measured on
+    another grid): the report then lacks that location, never its measurements.
+    """
+    if stack is None:
+        return None
+    centre = np.asarray(lesion.centroid_lps_mm, dtype=np.float64)
+    distances = np.linalg.norm(stack.centroids_lps_mm - centre[None, :], axis=1)
+    tolerance = max(_slice_step_mm(stack), *(float(v) for v in stack.sources[0].PixelSpacing))
+    if not len(distances) or distances.min() > tolerance:
+        LOGGER.warning(
+            "lesion %s: no SEG component within %.1f mm of its centroid; the SR gives no "
+            "location for it",
+            lesion.lesion_id,
+            tolerance,
+        )
+        return None
+    voxels = np.argwhere(stack.labels == int(np.argmin(distances)) + 1)  # (k, row, column)
+    areas = np.bincount(voxels[:, 0])
+    slices = np.flatnonzero(areas == areas.max())
+    voxel_lps = _index_to_lps(stack.sources, voxels.astype(np.float64))
+    off_centre = np.linalg.norm(voxel_lps - centre[None, :], axis=1)
+    # largest slice; among equally large ones, the one nearest the centroid
+    k = min(slices, key=lambda s: float(off_centre[voxels[:, 0] == s].min()))
+    on_slice = voxels[:, 0] == k
+    _, row, column = voxels[on_slice][int(np.argmin(off_centre[on_slice]))]
+    source = stack.sources[int(k)]
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.asarray([[column + 0.5, row + 0.5]], dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        ),
+    )
+
+
+def _lesion_groups(
     finding: FindingReport,
     lesion: LesionMeasurement,
     tracking_uid: str,
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    stack: _SegmentStack | None,
+) -> list[Any]:
+    """The TID 1411 group with the lesion's measurements and the TID 1410 group that locates
+    it, both under the lesion's tracking identifier and UID."""
     concept = FINDING_CONCEPTS[finding.finding_type]
     measurements = [
         hd.sr.Measurement(
@@ -210,10 +345,14 @@ def _lesion_group(
                 algorithm_id=_algorithm_id(finding.algorithm),
             )
         )
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
+
+    def tracking() -> hd.sr.TrackingIdentifier:
+        return hd.sr.TrackingIdentifier(
             uid=tracking_uid, identifier=f"{concept.label} {lesion.lesion_id}"
-        ),
+        )
+
+    volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking(),
         referenced_segment=_referenced_segment(finding),
         finding_type=concept.property_type,
         finding_category=concept.category,
@@ -221,6 +360,16 @@ def _lesion_group(
         measurements=measurements,
         qualitative_evaluations=_evaluations(finding),
     )
+    region = _location(stack, lesion)
+    if region is None:
+        return [volumetric]
+    location = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking(),
+        referenced_region=region,
+        finding_type=concept.property_type,
+        finding_sites=[hd.sr.FindingSite(ANATOMIC_REGION_BRAIN)],
+    )
+    return [volumetric, location]
 
 
 def _summary_group(
@@ -256,6 +405,28 @@ def _summary_group(
             ),
         ],
         qualitative_evaluations=_evaluations(finding),
+    )
+
+
+def _summary_location(
+    finding: FindingReport, tracking_uid: str, stack: _SegmentStack | None
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """Where a viewer jumps for the summary: its largest lesion (TID 1410, as for lesions).
+
+    OHIF 3.13 needs coordinates in every group it lists: a summary without them makes it
+    fail (_checkIfCanAddMeasurementsToDisplaySet reads measurement.coords[0])."""
+    concept = FINDING_CONCEPTS[finding.finding_type]
+    largest = max(finding.lesions, key=lambda lesion: lesion.volume_ml)
+    region = _location(stack, largest)
+    if region is None:
+        return None
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"Summary: {concept.label}"[:64]
+        ),
+        referenced_region=region,
+        finding_type=concept.property_type,
+        finding_sites=[hd.sr.FindingSite(ANATOMIC_REGION_BRAIN)],
     )
 
 
@@ -325,15 +496,25 @@ def build_measurement_report(
     )
     # Summary groups first: a reader sees the totals before the per-lesion rows.
     groups: list[Any] = []
+    stacks = {id(f): _located_segment(f, evidence) for f in findings if f.lesions}
     for finding in findings:
         role = f"tracking/summary/{finding.finding_type.value}"
-        groups.append(_summary_group(finding, derive_uid(job_key, role, uid_prefix)))
+        summary_uid = derive_uid(job_key, role, uid_prefix)
+        groups.append(_summary_group(finding, summary_uid))
+        summary_location = (
+            _summary_location(finding, summary_uid, stacks[id(finding)])
+            if finding.lesions
+            else None
+        )
+        if summary_location is not None:
+            groups.append(summary_location)
     for finding in findings:
         for lesion in finding.lesions:
+            stack = stacks[id(finding)]
             tracking_uid = lesion.tracking_uid or derive_uid(
                 job_key, f"tracking/{finding.finding_type.value}/{lesion.lesion_id}", uid_prefix
             )
-            groups.append(_lesion_group(finding, lesion, tracking_uid))
+            groups += _lesion_groups(finding, lesion, tracking_uid, stack)
 
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,

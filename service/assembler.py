@@ -30,8 +30,9 @@ from lesionwatch.config.schema import (
 )
 
 from .db.models import Job, JobState, Series, Study, StudyState, utcnow
+from .db.prior_models import PriorSearch, PriorSource
 from .jobs import create_job, publish_job
-from .priors import find_local_prior
+from .priors import prior_for_assembly
 
 __all__ = ["AssemblyDecision", "StudyAssembler", "runnable_pipelines"]
 
@@ -53,6 +54,7 @@ class _Plan:
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # pipeline -> why it cannot run
     priors: dict[str, int] = field(default_factory=dict)  # pipeline -> prior study id
+    waiting_for_prior: bool = False  # the prior search has not ended, nor its deadline
 
 
 _SERIES_WORDS = {
@@ -64,9 +66,15 @@ _SERIES_WORDS = {
 
 
 def runnable_pipelines(
-    session: Session, study: Study, pipelines: PipelinesConfig, only: Iterable[str] | None = None
+    session: Session,
+    study: Study,
+    pipelines: PipelinesConfig,
+    only: Iterable[str] | None = None,
+    now: datetime | None = None,
 ) -> _Plan:
-    """Which enabled pipelines can run on `study` now, with a note for each that cannot."""
+    """Which enabled pipelines can run on `study` now, with a note for each that cannot.
+
+    `waiting_for_prior`: the new-lesion pipeline waits for the study's prior search."""
     present = {s.series_class for s in study.series}
     plan = _Plan()
     wanted = set(only) if only is not None else None
@@ -80,12 +88,23 @@ def runnable_pipelines(
             plan.skipped[name] = f"no {words} series in this study"
             continue
         if name == "new_lesions":
-            prior = find_local_prior(session, study, pipelines.new_lesions.prior_required_series)
-            if prior is None:
-                plan.notes.append(f"{name}: no prior study with FLAIR for this patient")
-                plan.skipped[name] = "no prior study with a FLAIR series for this patient"
+            choice = prior_for_assembly(
+                session, study, pipelines.new_lesions.prior_required_series, now or utcnow()
+            )
+            if choice.waiting:
+                plan.notes.append(f"{name}: {choice.reason}")
+                plan.waiting_for_prior = True
+                # Used only when the study's own deadline forces a decision first.
+                plan.skipped[name] = (
+                    "no prior could be retrieved from PACS (search not finished at the "
+                    "study's deadline)"
+                )
                 continue
-            plan.priors[name] = prior.id
+            if choice.prior_study_id is None:
+                plan.notes.append(f"{name}: {choice.reason}")
+                plan.skipped[name] = choice.reason
+                continue
+            plan.priors[name] = choice.prior_study_id
         plan.runnable.append(name)
     return plan
 
@@ -128,10 +147,16 @@ class StudyAssembler:
     def _candidate_ids(self, now: datetime) -> list[int]:
         quiet_since = now - timedelta(seconds=self._assembly.quiet_period_s)
         deadline_since = now - timedelta(seconds=self._assembly.deadline_s)
+        # A prior being retrieved from PACS arrives like any study; it is never processed.
+        retrieved_priors = select(PriorSearch.prior_study_instance_uid).where(
+            PriorSearch.prior_study_instance_uid.is_not(None),
+            PriorSearch.source == PriorSource.PACS,
+        )
         with self._sessions() as session:
             receiving = select(Study.id).where(
                 Study.state == StudyState.RECEIVING,
                 (Study.last_received_at <= quiet_since) | (Study.receiving_since <= deadline_since),
+                Study.study_instance_uid.not_in(retrieved_priors),
             )
             # Assembled studies with a series newer than the last look at late series.
             late = (
@@ -139,6 +164,7 @@ class StudyAssembler:
                 .join(Series, Series.study_id == Study.id)
                 .where(
                     Study.state.in_((StudyState.READY, StudyState.INCOMPLETE)),
+                    Study.study_instance_uid.not_in(retrieved_priors),
                     Series.first_received_at > Study.assembled_at,
                     (Study.late_checked_at.is_(None))
                     | (Series.first_received_at > Study.late_checked_at),
@@ -166,9 +192,11 @@ class StudyAssembler:
         quiet = now - study.last_received_at >= timedelta(seconds=self._assembly.quiet_period_s)
         overdue = now - study.receiving_since >= timedelta(seconds=self._assembly.deadline_s)
         only = self._pending_pipeline_filter(study)
-        plan = runnable_pipelines(session, study, self._pipelines, only)
+        plan = runnable_pipelines(session, study, self._pipelines, only, now)
         if not plan.runnable and not overdue:
             return None  # quiet but nothing can run yet: wait for series until the deadline
+        if plan.waiting_for_prior and not overdue:
+            return None  # the prior search ends (or reaches its own deadline) first
         if not quiet and not overdue:
             return None
         reason_parts = [] if quiet else [f"forced at deadline ({self._assembly.deadline_s:g} s)"]

@@ -34,7 +34,7 @@ _SERIES_LOOKUP = (
     .join(Study, Series.study_id == Study.id)
     .where(Series.series_instance_uid == bindparam("series_uid"))
 )
-_INSTANCE_LOOKUP = select(Instance.id, Instance.sha256).where(
+_INSTANCE_LOOKUP = select(Instance.id, Instance.sha256, Instance.path).where(
     Instance.sop_instance_uid == bindparam("sop_uid")
 )
 _INSTANCE_INSERT = insert(Instance).returning(Instance.id)
@@ -63,6 +63,9 @@ class RecordResult:
     # late-series policy belongs to the assembler, so this is only reported.
     new_series_after_assembly: bool
     series_class: SeriesClass | None  # set when the series was classified by this call
+    # The archive path the instance was recorded at before this re-send under other study or
+    # series UIDs: that older copy is no longer the instance (the listener removes it).
+    superseded_path: str | None = None
 
 
 def _text(dataset: Dataset, keyword: str, max_length: int) -> str:
@@ -194,12 +197,15 @@ class InstanceRecorder:
             }
             existing = connection.execute(_INSTANCE_LOOKUP, {"sop_uid": sop_uid}).first()
             content_changed = False
+            superseded_path: str | None = None
             if existing is None:
                 instance_id = connection.execute(
                     _INSTANCE_INSERT, {"sop_instance_uid": sop_uid, **values}
                 ).scalar_one()
             else:
-                instance_id, previous_sha256 = existing
+                instance_id, previous_sha256, previous_path = existing
+                if previous_path != values["path"]:
+                    superseded_path = previous_path
                 if previous_sha256 != archived.sha256:
                     content_changed = True
                     LOGGER.warning(
@@ -233,6 +239,7 @@ class InstanceRecorder:
             content_changed=content_changed,
             new_series_after_assembly=new_series_after_assembly,
             series_class=series_class,
+            superseded_path=superseded_path,
         )
 
     def _new_series(

@@ -406,7 +406,8 @@ def execute_report(request: ReportRequest, settings: ExecutorSettings) -> ExecRe
     for finding in findings:
         seg = None
         if finding.get("seg") is not None:
-            seg = read_dicom_file(data_dir / finding["seg"]["file"], stop_before_pixels=True)
+            # with pixels: the SR locates each lesion on its largest slice from the SEG
+            seg = read_dicom_file(data_dir / finding["seg"]["file"])
             objects.append(seg)
         for ds in load_source_headers(data_dir, finding["source_files"]):
             if str(ds.SOPInstanceUID) not in seen:

@@ -13,6 +13,12 @@ so every file whose row was lost is younger than the newest row that survived: b
 files modified since that row's ``received_at`` minus :data:`SAFETY_MARGIN` are examined (the
 whole archive when the database has no instance), and only series directories modified since
 then are listed. ``archive/.incoming`` holds unacknowledged partial writes and is skipped.
+
+An instance re-sent under other study or series UIDs lands at another path. The listener
+removes the older copy once the new one is recorded; a copy left behind (a crash in between,
+or a database outage) is resolved here: the file written last (newest mtime; an identical
+re-send refreshes it) is the last acknowledged copy and wins, whatever the directory order,
+and the other copy is deleted once the winner's row is committed.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ class ReconcileReport:
     recorded: int = 0  # files without a row, now recorded
     updated: int = 0  # files whose row named other content (a lost replacement), now updated
     invalid: tuple[str, ...] = field(default=())  # relative paths that are no usable instance
-    # Older copies of instances re-sent under other study/series UIDs (left in place).
+    # Older copies of instances re-sent under other study/series UIDs (removed).
     superseded: tuple[str, ...] = field(default=())
 
     def __str__(self) -> str:
@@ -82,23 +88,27 @@ def reconcile_archive(
     if since is None:
         since = _default_since(recorder)
     since_epoch_s = since.timestamp() if since is not None else None
-    candidates = list(_candidate_files(root, since_epoch_s))
-    known = _recorded_digests(recorder, [relative for relative, _ in candidates])
+    # Newest first: of two copies of one instance, the last acknowledged is recorded first.
+    candidates = sorted(
+        _candidate_files(root, since_epoch_s), key=lambda item: item[2], reverse=True
+    )
+    known = _recorded_digests(recorder, [relative for relative, _, _ in candidates])
     recorded = updated = 0
     invalid: list[str] = []
     superseded: list[str] = []
-    for relative, path in candidates:
+    for relative, path, _mtime in candidates:
         row = known.get(str(relative))
         try:
-            data = path.read_bytes()
+            with path.open("rb") as handle:  # streamed: instances may be large
+                sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+                size_bytes = handle.tell()
         except OSError as exc:
             LOGGER.warning("archive reconciliation cannot read %s: %s", path, exc)
             invalid.append(str(relative))
             continue
-        sha256 = hashlib.sha256(data).hexdigest()
-        if row is not None and row == (sha256, len(data)):
+        if row is not None and row == (sha256, size_bytes):
             continue
-        outcome = _record_file(recorder, relative, path, len(data), sha256)
+        outcome = _record_file(recorder, relative, path, size_bytes, sha256)
         if outcome is _Outcome.INVALID:
             invalid.append(str(relative))
         elif outcome is _Outcome.SUPERSEDED:
@@ -134,8 +144,8 @@ def _default_since(recorder: InstanceRecorder) -> datetime | None:
 
 def _candidate_files(
     root: Path, since_epoch_s: float | None
-) -> Iterator[tuple[PurePosixPath, Path]]:
-    """``(relative path, path)`` of instance files modified at or after ``since_epoch_s``.
+) -> Iterator[tuple[PurePosixPath, Path, int]]:
+    """``(relative path, path, mtime ns)`` of instance files modified since ``since_epoch_s``.
 
     Adding or renaming a file updates its series directory's mtime, so series directories
     older than the window are not listed at all.
@@ -150,9 +160,11 @@ def _candidate_files(
                 for entry in entries:
                     if not entry.name.endswith(_SUFFIX) or not entry.is_file(follow_symlinks=False):
                         continue
-                    if since_epoch_s is not None and entry.stat().st_mtime < since_epoch_s:
+                    mtime_ns = entry.stat().st_mtime_ns
+                    if since_epoch_s is not None and mtime_ns < since_epoch_s * 1e9:
                         continue
-                    yield PurePosixPath(study.name, series.name, entry.name), Path(entry.path)
+                    relative = PurePosixPath(study.name, series.name, entry.name)
+                    yield relative, Path(entry.path), mtime_ns
 
 
 def _subdirectories(path: Path) -> list[os.DirEntry[str]]:
@@ -183,7 +195,7 @@ def _recorded_digests(
 class _Outcome(enum.Enum):
     RECORDED = enum.auto()
     INVALID = enum.auto()  # not the instance its path names
-    SUPERSEDED = enum.auto()  # its SOP instance is recorded at another path that exists
+    SUPERSEDED = enum.auto()  # an older copy of an instance recorded at another path
 
 
 def _record_file(
@@ -206,25 +218,38 @@ def _record_file(
             "archive reconciliation skips %s: its UIDs name %s", path, "/".join(identity)
         )
         return _Outcome.INVALID
-    # A re-send under other study/series UIDs leaves the old file behind; the row names the
-    # newer one, which must not be overwritten with the old.
+    # A re-send under other study/series UIDs may have left another copy behind: the copy
+    # written last is the instance, the other one goes once that is recorded.
     with recorder.engine.connect() as connection:
         recorded_path = connection.execute(
             select(Instance.path).where(Instance.sop_instance_uid == str(dataset.SOPInstanceUID))
         ).scalar()
     archive_root = path.parents[2]
-    if recorded_path not in (None, str(relative)) and (archive_root / recorded_path).is_file():
-        LOGGER.warning(
-            "archive reconciliation skips %s: the instance is recorded at %s", path, recorded_path
-        )
-        return _Outcome.SUPERSEDED
+    if recorded_path not in (None, str(relative)):
+        recorded_file = archive_root / recorded_path
+        if recorded_file.is_file() and recorded_file.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+            _remove_copy(path, f"an older copy of the instance recorded at {recorded_path}")
+            return _Outcome.SUPERSEDED
     calling_ae_title = str(dataset.file_meta.get("SourceApplicationEntityTitle", "")).strip()
     archived = ArchivedInstance(relative, size_bytes, sha256, StoreOutcome.STORED)
-    recorder.record(
+    result = recorder.record(
         dataset,
         archived,
         transfer_syntax_uid=transfer_syntax_uid,
         calling_ae_title=calling_ae_title,
     )
     LOGGER.info("archive reconciliation recorded %s", relative)
+    if result.superseded_path is not None:
+        _remove_copy(archive_root / result.superseded_path, f"superseded by {relative}")
     return _Outcome.RECORDED
+
+
+def _remove_copy(path: Path, why: str) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        LOGGER.warning("archive reconciliation cannot remove %s (%s): %s", path, why, exc)
+        return
+    LOGGER.warning("archive reconciliation removed %s: %s", path, why)

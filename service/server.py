@@ -174,6 +174,7 @@ class ServiceProcess:
         from lesionwatch.dicom_io.scp import StoreSCP
 
         from .ingest import InstanceRecorder
+        from .prior_search import build_prior_searcher
         from .record_backlog import BufferedRecorder
 
         recorder = InstanceRecorder(
@@ -188,6 +189,11 @@ class ServiceProcess:
             buffered,
             on_outcome=lambda outcome: METRICS.instances_received.labels(outcome).inc(),
         )
+        # The prior search starts on a study's first image (live or from the backlog).
+        searcher = build_prior_searcher(self.config, self.sessions, scp.archive, recorder)
+        if searcher is not None:
+            scp.on_recorded = searcher.notify
+            buffered.on_recorded = searcher.notify
         # Before accepting: re-index archive files whose rows a crash lost (OS crash with
         # SQLite WAL, or a backlog not yet recorded when the process ended).
         self._reconcile(scp.archive.root, recorder)
@@ -196,6 +202,18 @@ class ServiceProcess:
         self.scp = scp
         self._backlog = buffered
         self._spawn(self._assemble_loop, "assembler")
+        if searcher is not None:
+            self._spawn(lambda: searcher.run(self._stop), "prior-search")
+            pacs = self.config.prior_search.pacs
+            assert pacs is not None
+            log.info(
+                "prior search on: %s@%s:%d by C-%s (deadline %g s)",
+                pacs.ae_title,
+                pacs.host,
+                pacs.port,
+                pacs.retrieve_method.value.upper(),
+                self.config.prior_search.deadline_s,
+            )
         listener = self.config.listener
         log.info(
             "LesionWatch listening as %s on %s:%d%s, archive in %s",

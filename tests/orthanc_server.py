@@ -8,6 +8,9 @@ register peers (e.g. LesionWatch) that Orthanc can send to.
     with running_orthanc(tmp_path / "orthanc", modalities=peers) as orthanc:
         orthanc.upload(path)
         orthanc.store_to_modality("lw", orthanc.instances())
+
+``running_orthanc(workdir, dicomweb=True)`` also loads the DICOMweb plugin (Debian package
+'orthanc-dicomweb') and serves it at ``url + "/dicom-web"``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OrthancError", "OrthancServer", "orthanc_executable", "running_orthanc"]
+__all__ = [
+    "OrthancError",
+    "OrthancServer",
+    "dicomweb_plugin",
+    "orthanc_executable",
+    "running_orthanc",
+]
 
 _START_TIMEOUT_S = 60.0
+_PLUGIN_DIRS = (
+    "/usr/share/orthanc/plugins",
+    "/usr/lib/orthanc/plugins",
+    "/usr/local/share/orthanc/plugins",
+)
 
 
 class OrthancError(Exception):
@@ -36,6 +50,15 @@ class OrthancError(Exception):
 
 def orthanc_executable() -> str | None:
     return shutil.which("Orthanc")
+
+
+def dicomweb_plugin() -> Path | None:
+    """The DICOMweb plugin library (Debian: orthanc-dicomweb), or None."""
+    for folder in _PLUGIN_DIRS:
+        path = Path(folder) / "libOrthancDicomWeb.so"
+        if path.is_file():
+            return path
+    return None
 
 
 def _free_port() -> int:
@@ -135,11 +158,18 @@ def running_orthanc(
     ae_title: str = "ORTHANC",
     modalities: dict[str, tuple[str, str, int]] | None = None,
     extra_config: dict[str, Any] | None = None,
+    dicomweb: bool = False,
 ) -> Iterator[OrthancServer]:
     """Start Orthanc with a generated config in ``workdir``; stop it (and keep its log) after."""
     executable = orthanc_executable()
     if executable is None:
         raise OrthancError("Orthanc is not installed (Debian package 'orthanc')")
+    plugins: list[str] = []
+    if dicomweb:
+        plugin = dicomweb_plugin()
+        if plugin is None:
+            raise OrthancError("the DICOMweb plugin is not installed (Debian 'orthanc-dicomweb')")
+        plugins.append(str(plugin))
     workdir.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = _free_port(), _free_port()
     config: dict[str, Any] = {
@@ -158,7 +188,8 @@ def running_orthanc(
         "DicomAlwaysAllowEcho": True,
         "UnknownSopClassAccepted": True,
         "StorageCompression": False,
-        "Plugins": [],
+        "Plugins": plugins,
+        "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
         "DicomModalities": {
             name: [peer_ae, host, port]
             for name, (peer_ae, host, port) in (modalities or {}).items()

@@ -18,4 +18,5 @@ __all__ = [
 
 # Registers the delivery and work tables on Base.metadata (Alembic's env imports this package).
 from . import delivery_models as delivery_models  # noqa: E402,F401
+from . import prior_models as prior_models  # noqa: E402,F401
 from . import work_models as work_models  # noqa: E402,F401

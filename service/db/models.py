@@ -71,6 +71,8 @@ class StudyState(enum.StrEnum):
     RECEIVING = "receiving"  # instances are arriving; not yet stable
     READY = "ready"  # assembled: job rows exist for every pipeline that can run
     INCOMPLETE = "incomplete"  # deadline passed and no pipeline's required series arrived
+    # Retrieved from PACS as another study's prior (service.prior_search): never processed.
+    PRIOR = "prior"
 
 
 class JobState(enum.StrEnum):

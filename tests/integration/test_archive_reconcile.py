@@ -171,13 +171,17 @@ def test_a_lost_replacement_is_updated_and_old_files_are_outside_the_window(
         garbage.parent.mkdir()
         garbage.write_bytes(b"not DICOM")
 
-        # An older copy of an instance later re-sent under another series UID stays unrecorded.
+        # An older copy of an instance later re-sent under another series UID (written before
+        # the recorded copy) stays unrecorded and is removed.
         resent = before[-1]
-        copy = pydicom.dcmread(listener.archive_root / resent[17])
+        recorded_copy = listener.archive_root / resent[17]
+        copy = pydicom.dcmread(recorded_copy)
         copy.SeriesInstanceUID = "1.2.3.999"
         older = listener.archive_root / resent[0] / "1.2.3.999" / f"{resent[13]}.dcm"
         older.parent.mkdir()
         copy.save_as(older)
+        written = recorded_copy.stat().st_mtime - 1
+        os.utime(older, (written, written))
 
         report = reconcile_archive(listener.archive_root, _recorder(listener))
 
@@ -185,6 +189,7 @@ def test_a_lost_replacement_is_updated_and_old_files_are_outside_the_window(
         assert report.invalid == ("/".join(garbage.parts[-3:]),)
         assert report.superseded == ("/".join(older.parts[-3:]),)
         assert garbage.exists()
+        assert not older.exists() and recorded_copy.exists()
         after = _snapshot(listener.sessions)
         assert after == [row for row in before if row[13] != old_uid]
 
@@ -193,3 +198,58 @@ def test_a_lost_replacement_is_updated_and_old_files_are_outside_the_window(
         report = reconcile_archive(listener.archive_root, _recorder(listener), since=since)
         assert report.recorded == 1
         assert _snapshot(listener.sessions) == before
+
+
+def _resend_under_other_uids(listener: RunningListener, files: list[Path], folder: Path) -> None:
+    """Re-send ``files`` by C-STORE with new Series (even) or Study (odd) Instance UIDs."""
+    folder.mkdir()
+    for index, path in enumerate(files):
+        dataset = pydicom.dcmread(path)
+        if index % 2:
+            dataset.StudyInstanceUID = f"1.2.826.0.1.3680043.10.1.{index}"
+        dataset.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.2.{index}"
+        dataset.save_as(folder / path.name)
+    assert run_storescu(listener.port, folder).returncode == 0
+
+
+def test_an_index_rebuild_keeps_the_last_copy_of_instances_resent_under_other_uids(
+    tmp_path: Path, database_url: str, sent_files: Path
+) -> None:
+    with _received(tmp_path, database_url) as listener:
+        assert run_storescu(listener.port, sent_files).returncode == 0
+        first = {row[13]: row[17] for row in _snapshot(listener.sessions)}
+        resent = sorted(sent_files.iterdir())[::2]
+        _resend_under_other_uids(listener, resent, tmp_path / "resent")
+        after_resend = _snapshot(listener.sessions)
+        latest = {row[13]: row[17] for row in after_resend}
+        moved = {uid for uid in first if first[uid] != latest[uid]}
+        assert len(moved) == len(resent)
+        # The listener removed each superseded copy once the new one was recorded.
+        for uid in moved:
+            assert not (listener.archive_root / first[uid]).exists()
+            assert (listener.archive_root / latest[uid]).exists()
+
+        # Older copies left behind (a crash between the new row's commit and the removal), in
+        # directories that sort both before and after the new ones; their mtimes are older.
+        for uid in moved:
+            old_copy = listener.archive_root / first[uid]
+            old_copy.parent.mkdir(parents=True, exist_ok=True)
+            dataset = pydicom.dcmread(listener.archive_root / latest[uid])
+            dataset.StudyInstanceUID, dataset.SeriesInstanceUID = first[uid].split("/")[:2]
+            dataset.save_as(old_copy)
+            written = (listener.archive_root / latest[uid]).stat().st_mtime - 5
+            os.utime(old_copy, (written, written))
+
+        # The index is lost and rebuilt from the archive.
+        with listener.engine.begin() as connection:
+            for table in (Instance, Series, Study):
+                connection.execute(delete(table))
+        report = reconcile_archive(listener.archive_root, _recorder(listener))
+
+        rebuilt = {row[13]: row[17] for row in _snapshot(listener.sessions)}
+        assert rebuilt == latest
+        assert len(report.superseded) == len(moved)
+        for uid in moved:
+            assert not (listener.archive_root / first[uid]).exists()
+        # The rebuilt rows equal what the listener recorded (contents, paths, digests).
+        assert _snapshot(listener.sessions) == after_resend

@@ -274,13 +274,19 @@ def test_dcmqi_tid1500reader_gives_our_volumes(case: Case, tmp_path: Path) -> No
         text=True,
         timeout=120,
     )
-    groups = json.loads((tmp_path / "sr.json").read_text())["Measurements"]
+    every_group = json.loads((tmp_path / "sr.json").read_text())["Measurements"]
+    # Each lesion also has a TID 1410 group locating it (no measurements, same identifier).
+    groups = [
+        g for g in every_group if any(_is_volume(m["quantity"]) for m in g["measurementItems"])
+    ]
+    locations = {g["TrackingIdentifier"] for g in every_group if not g["measurementItems"]}
     volumes = {
         g["TrackingIdentifier"]: float(
             next(m["value"] for m in g["measurementItems"] if _is_volume(m["quantity"]))
         )
         for g in groups
     }
+    assert locations == set(volumes)
     expected: dict[str, float] = {}
     for finding in case.findings:
         label = _label(finding.finding_type)

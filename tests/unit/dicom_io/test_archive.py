@@ -54,9 +54,12 @@ def test_identical_resend_is_a_duplicate_and_changed_content_replaces(
     path = archive.path_of(first.relative_path)
     mtime_ns = path.stat().st_mtime_ns
 
+    os.utime(path, ns=(mtime_ns - 10**9, mtime_ns - 10**9))
     again = archive.store(STUDY, SERIES, SOP, (ge_file_bytes,))
     assert again.outcome is StoreOutcome.DUPLICATE
-    assert path.stat().st_mtime_ns == mtime_ns
+    assert path.read_bytes() == ge_file_bytes
+    # Not rewritten, but its mtime says when it was last acknowledged (index rebuilds).
+    assert path.stat().st_mtime_ns >= mtime_ns
 
     changed = ge_file_bytes[:-2] + b"\x01\x02"
     replaced = archive.store(STUDY, SERIES, SOP, (changed,))
@@ -132,3 +135,16 @@ def test_pending_instance_is_invisible_until_finished_and_discard_leaves_nothing
     pending.discard()  # no-op once finished
     assert archive.path_of(first.relative_path).read_bytes() == ge_file_bytes
     assert not _leftover_temp_files(archive)
+
+
+def test_partial_files_of_a_process_that_is_gone_are_removed_at_start(tmp_path: Path) -> None:
+    archive = Archive(tmp_path, fsync=False)
+    mine = archive.incoming / archive.new_temp_name()
+    mine.write_bytes(b"in progress")
+    dead = archive.incoming / "999999999.12345-abcd-0.tmp"  # no such process
+    dead.write_bytes(b"partial")
+    reused_pid = archive.incoming / f"{os.getpid()}.1-abcd-0.tmp"  # this pid, another start
+    reused_pid.write_bytes(b"partial")
+    Archive(tmp_path, fsync=False)
+    assert mine.exists()  # a live process's write in progress is left alone
+    assert not dead.exists() and not reused_pid.exists()

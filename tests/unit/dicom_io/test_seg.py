@@ -1,4 +1,4 @@
-"""Binary SEG in the source geometry: one frame per slice and segment, codes, references."""
+"""SEG in the source geometry: one frame per slice and segment, codes, references, encoding."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from result_cases import (
     siemens_series,
 )
 
+from lesionwatch.config.schema import ResultsConfig, SegEncoding
 from lesionwatch.dicom_io.codes import FINDING_CONCEPTS, FindingType
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.dicom_io.output_uids import derive_uid
@@ -25,6 +26,7 @@ from lesionwatch.dicom_io.seg import (
     Equipment,
     SegmentationGeometryError,
     SegmentInput,
+    _null_pad_bits,
     build_segmentation,
     slice_indices,
     sort_by_slice,
@@ -37,7 +39,11 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     return build_study(tmp_path_factory.mktemp("study"))
 
 
-def _seg(sources: list[Dataset], segments: list[SegmentInput]) -> hd.seg.Segmentation:
+def _seg(
+    sources: list[Dataset],
+    segments: list[SegmentInput],
+    encoding: SegEncoding = SegEncoding.FRACTIONAL,
+) -> hd.seg.Segmentation:
     return build_segmentation(
         sources,
         segments,
@@ -45,6 +51,7 @@ def _seg(sources: list[Dataset], segments: list[SegmentInput]) -> hd.seg.Segment
         sop_instance_uid=derive_uid("job", "seg/instance"),
         series_number=9001,
         equipment=Equipment(),
+        encoding=encoding,
     )
 
 
@@ -106,17 +113,20 @@ def test_a_mask_off_the_source_grid_is_refused_naming_the_instance(study: Study)
         slice_indices([*study.flair[:-1], study.flair[0]], grid)
 
 
-def test_every_slice_has_a_frame_per_segment_matching_the_mask(study: Study) -> None:
-    seg = _seg(shuffled(study.flair), _flair_segments(study))
+@pytest.mark.parametrize("encoding", list(SegEncoding))
+def test_every_slice_has_a_frame_per_segment_matching_the_mask(
+    study: Study, encoding: SegEncoding
+) -> None:
+    seg = _seg(shuffled(study.flair), _flair_segments(study), encoding)
     n_slices = len(study.flair)
-    assert seg.SegmentationType == "BINARY"
+    assert seg.SegmentationType == encoding.value.upper()
     assert int(seg.NumberOfFrames) == 2 * n_slices  # empty frames are kept (OHIF pitfall)
     frames = _frames_by_source(seg)
     ks = slice_indices(study.flair, study.lesion_mask)
     for ds, k in zip(study.flair, ks, strict=True):
         uid = str(ds.SOPInstanceUID)
-        assert np.array_equal(frames[(1, uid)], study.lesion_mask.array[k])
-        assert np.array_equal(frames[(2, uid)], study.new_mask.array[k])
+        assert np.array_equal(frames[(1, uid)] > 0, study.lesion_mask.array[k] > 0)
+        assert np.array_equal(frames[(2, uid)] > 0, study.new_mask.array[k] > 0)
     # plane positions are the source slices' own, one slice per frame
     positions = {
         tuple(round(float(v), 3) for v in f.PlanePositionSequence[0].ImagePositionPatient)
@@ -196,3 +206,32 @@ def test_mixed_grids_and_repeated_finding_types_are_refused(study: Study) -> Non
                 SegmentInput(FindingType.MS_LESION, study.new_mask, NEW_MODEL, "1.2.4"),
             ],
         )
+
+
+def test_fractional_is_the_default_and_stores_0_or_255(study: Study) -> None:
+    assert ResultsConfig().seg_encoding is SegEncoding.FRACTIONAL
+    seg = _seg(study.flair, _flair_segments(study))
+    assert seg.SegmentationType == "FRACTIONAL"
+    assert seg.SegmentationFractionalType == "PROBABILITY"
+    assert (int(seg.BitsAllocated), int(seg.MaximumFractionalValue)) == (8, 255)
+    assert set(np.unique(seg.pixel_array).tolist()) == {0, 255}
+    assert len(seg.PixelData) == int(seg.NumberOfFrames) * seg.Rows * seg.Columns
+
+
+def test_binary_is_one_bit_a_pixel(study: Study) -> None:
+    seg = _seg(study.flair, _flair_segments(study), SegEncoding.BINARY)
+    assert int(seg.BitsAllocated) == 1
+    assert len(seg.PixelData) == (int(seg.NumberOfFrames) * seg.Rows * seg.Columns + 7) // 8
+
+
+def test_odd_length_one_bit_pixel_data_is_padded_with_a_null_byte() -> None:
+    # 182 frames of 218 x 182 pixels (a 1 mm MNI FLAIR): 902629 bytes, one padding byte.
+    n_pixels = 182 * 218 * 182
+    seg = Dataset()
+    seg.PixelData = b"\xff" * 902629 + b"0"  # as highdicom 0.28 writes it
+    _null_pad_bits(seg, n_pixels)  # type: ignore[arg-type]
+    assert len(seg.PixelData) == 902630 and seg.PixelData[-1:] == b"\x00"
+    even = Dataset()
+    even.PixelData = b"\xff" * 4000
+    _null_pad_bits(even, 32000)  # type: ignore[arg-type]
+    assert even.PixelData == b"\xff" * 4000

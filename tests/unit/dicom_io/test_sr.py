@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import highdicom as hd
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from result_cases import FLAIR_MODEL, NEW_MODEL, Study, build_study
+from scipy import ndimage
 
-from lesionwatch.dicom_io.codes import NUMBER_OF_LESIONS, VOLUME, FindingType
+from lesionwatch.dicom_io.codes import FINDING_CONCEPTS, NUMBER_OF_LESIONS, VOLUME, FindingType
 from lesionwatch.dicom_io.output_uids import derive_uid
 from lesionwatch.dicom_io.seg import Equipment, SegmentInput, build_segmentation
 from lesionwatch.dicom_io.sr import (
@@ -212,3 +214,79 @@ def test_lesion_measurement_takes_the_postprocess_lesion(study: Study) -> None:
     assert row.bbox_min_ijk == lesion.bbox_min_ijk and row.bbox_max_ijk == lesion.bbox_max_ijk
     assert row.longest_diameter_mm == lesion.longest_diameter_mm
     assert row.tracking_uid is None
+
+
+def _pixel_to_lps(image: Dataset, column: float, row: float) -> np.ndarray:
+    """SCOORD pixel coordinates ((0, 0) = top left corner of the top left pixel) -> LPS."""
+    orientation = np.asarray(image.ImageOrientationPatient, dtype=float)
+    row_spacing, column_spacing = (float(v) for v in image.PixelSpacing)
+    return np.asarray(
+        np.asarray(image.ImagePositionPatient, dtype=float)
+        + (column - 0.5) * column_spacing * orientation[:3]
+        + (row - 0.5) * row_spacing * orientation[3:]
+    )
+
+
+def test_each_lesion_is_located_by_a_point_inside_it_on_its_largest_slice(
+    study: Study, seg: Dataset
+) -> None:
+    """What a viewer lists and jumps to: per lesion a TID 1410 group with its tracking UID and
+    an "Image Region" POINT selected from a FLAIR image; the TID 1411 group keeps the
+    measurements and the segment, without coordinates (PixelMed: nothing "not in template")."""
+    sr = _report(study, seg)
+    imaging = next(i for i in sr.ContentSequence if i.ValueType == "CONTAINER")
+    groups = list(imaging.ContentSequence)
+    images = {str(ds.SOPInstanceUID): ds for ds in study.flair}
+    inverse = np.linalg.inv(study.lesion_mask.affine_lps)
+    for finding_type, mask in (
+        (FindingType.MS_LESION, study.lesion_mask),
+        (FindingType.NEW_LESION, study.new_mask),
+    ):
+        table = lesion_table(mask)
+        label = FINDING_CONCEPTS[finding_type].label
+        labels, _ = ndimage.label(mask.array > 0, structure=np.ones((3, 3, 3), dtype=bool))
+        for lesion in table:
+            name = f"{label} {lesion.lesion_id}"
+            pair = [g for g in groups if _text(g, "112039") == name]
+            assert [g.ContentTemplateSequence[0].TemplateIdentifier for g in pair] == [
+                "1411",
+                "1410",
+            ]
+            volumetric, planar = pair
+            assert _uid(volumetric, "112040") == _uid(planar, "112040")
+            assert not [i for i in volumetric.ContentSequence if "SCOORD" in i.ValueType]
+            for number in (i for i in volumetric.ContentSequence if i.ValueType == "NUM"):
+                assert not [i for i in number.ContentSequence if "SCOORD" in i.ValueType]
+            assert not [i for i in planar.ContentSequence if i.ValueType == "NUM"]
+            (region,) = [i for i in planar.ContentSequence if i.ValueType == "SCOORD"]
+            assert region.ConceptNameCodeSequence[0].CodeValue == "111030"  # Image Region
+            assert region.GraphicType == "POINT"
+            (source,) = region.ContentSequence
+            assert source.RelationshipType == "SELECTED FROM"
+            image = images[source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+            lps = _pixel_to_lps(image, *(float(v) for v in region.GraphicData))
+            i, j, k = np.rint((inverse @ np.append(lps, 1.0))[:3]).astype(int)
+            # inside this very lesion, on its largest slice
+            component = labels == labels[k, j, i]
+            assert labels[k, j, i] > 0 and int(component.sum()) == lesion.voxel_count
+            areas = component.reshape(component.shape[0], -1).sum(axis=1)
+            assert areas[k] == areas.max()
+
+
+def _text(group: Dataset, code: str) -> str:
+    return next(
+        (
+            str(i.TextValue)
+            for i in group.ContentSequence
+            if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == code
+        ),
+        "",
+    )
+
+
+def _uid(group: Dataset, code: str) -> str:
+    return next(
+        str(i.UID)
+        for i in group.ContentSequence
+        if i.ValueType == "UIDREF" and i.ConceptNameCodeSequence[0].CodeValue == code
+    )
