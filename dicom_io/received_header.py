@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag, SequenceDelimiterTag
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 
 __all__ = [
     "DEFER_BYTES",
@@ -44,6 +45,7 @@ _PIXEL_DATA_TAGS = {
     BaseTag(0x7FE00009): "DoubleFloatPixelData",
 }
 _INFLATED_SUFFIX = ".inflated"
+_KNOWN_VRS = frozenset(str(vr) for vr in VR)
 
 
 class UnreadableDataSetError(Exception):
@@ -159,6 +161,10 @@ def _check_elements(
         last = element
         if not isinstance(element, RawDataElement):
             continue  # an undefined-length sequence, parsed item by item
+        if not implicit and element.VR not in _KNOWN_VRS:
+            # pydicom guesses past an unknown VR (implicit switch, 2-byte length); dcmtk reads
+            # such an element otherwise, and the two then disagree on everything after it.
+            raise UnreadableDataSetError(f"{element.tag} has no valid VR ({element.VR!r})")
         if element.length == _UNDEFINED_LENGTH:
             vr = element.VR if not implicit else _dictionary_vr(element.tag)
             if not (vr in ("SQ", "UN") or (element.tag in _PIXEL_DATA_TAGS and encapsulated)):

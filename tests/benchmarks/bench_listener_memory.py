@@ -6,8 +6,10 @@ Each scenario runs against a fresh listener process (VmHWM only grows) started f
 
 - idle: started, nothing sent;
 - plain instance (default 100 MiB, Explicit VR LE, valid) sent in 16 KiB P-DATA PDUs (as storescu);
-- the same sent as one PDU (what ``listener.maximum_pdu_size`` 0, "unlimited", invites: pynetdicom
-  reads a whole PDU into memory before anything else sees it);
+- the same in the largest PDUs the listener advertises (``listener.maximum_pdu_size``; 0 was
+  "unlimited": one PDU, and pynetdicom reads a whole PDU into memory);
+- the same as one PDU whatever the listener advertised (a misbehaving sender: the listener
+  now aborts such an association before reading the PDU);
 - the same sent by dcmtk ``storescu`` (if installed);
 - a deflate bomb (default 1.5 GiB inflated, ~1.6 MB sent).
 
@@ -37,11 +39,15 @@ __all__ = ["main"]
 _IDLE_SETTLE_S = 2.0
 
 
-def _pynetdicom_large(instance_mb: int, send_pdu_bytes: int | None) -> Callable[..., str]:
+def _pynetdicom_large(
+    instance_mb: int, send_pdu_bytes: int | None, *, ignore_maximum: bool = False
+) -> Callable[..., str]:
     def scenario(listener: ListenerProcess, workdir: Path) -> str:
         case, chunks = CorpusBuilder(seed=17).large_case(instance_mb << 20)
         sender = RawSender(listener.port, workdir, send_pdu_bytes=send_pdu_bytes)
         with sender.associate([case]) as assoc:
+            if ignore_maximum:
+                assoc.override_max_pdu((instance_mb + 1) << 20)
             result = assoc.store(case, chunks)
         return status_name(result.status)
 
@@ -89,7 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     scenarios: list[tuple[str, Callable[..., str]]] = [
         ("idle", _idle),
         (f"plain {args.instance_mb} MiB, 16 KiB PDUs", _pynetdicom_large(args.instance_mb, 16384)),
-        (f"plain {args.instance_mb} MiB, one PDU", _pynetdicom_large(args.instance_mb, None)),
+        (
+            f"plain {args.instance_mb} MiB, largest PDUs allowed",
+            _pynetdicom_large(args.instance_mb, None),
+        ),
+        (
+            f"plain {args.instance_mb} MiB, one PDU anyway",
+            _pynetdicom_large(args.instance_mb, None, ignore_maximum=True),
+        ),
     ]
     if shutil.which("storescu"):
         scenarios.append(
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios.append((f"deflate bomb {args.bomb_gib:g} GiB", _bomb(args.bomb_gib)))
 
     print(f"listener: {args.lesionwatch}")
-    print(f"{'scenario':34} {'answer':22} {'peak RSS MB':>11} {'idle MB':>8} {'s':>6}")
+    print(f"{'scenario':38} {'answer':22} {'peak RSS MB':>11} {'idle MB':>8} {'s':>6}")
     for name, scenario in scenarios:
         with (
             tempfile.TemporaryDirectory(prefix="lw-mem-") as workdir,
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             peak_mb = listener.peak_rss_mb()
             if not listener.alive():
                 answer = "listener died"
-        print(f"{name:34} {answer:22} {peak_mb:11.0f} {idle_mb:8.0f} {elapsed_s:6.1f}", flush=True)
+        print(f"{name:38} {answer:22} {peak_mb:11.0f} {idle_mb:8.0f} {elapsed_s:6.1f}", flush=True)
     return 0
 
 

@@ -132,3 +132,15 @@ def test_a_little_excess_pixel_data_is_tolerated(tmp_path: Path, image: Dataset)
     padded = copy.deepcopy(image)
     padded.PixelData = image.PixelData + bytes(64)  # some devices pad; dcmtk reads it
     assert _read(tmp_path, _encode(padded, implicit=False), ExplicitVRLittleEndian).Rows
+
+
+@pytest.mark.parametrize("vr", [b"ZZ", b"\x01\x02"])
+def test_an_element_without_a_valid_vr_is_refused(
+    tmp_path: Path, image: Dataset, vr: bytes
+) -> None:
+    # pydicom reads past it by guessing, dcmtk does not: they would disagree on what follows.
+    data = bytearray(_encode(image, implicit=False))
+    modality = data.index(struct.pack("<HH", 0x0008, 0x0060) + b"CS")
+    data[modality + 4 : modality + 6] = vr
+    with pytest.raises(UnreadableDataSetError, match="valid VR|truncated|parsed"):
+        _read(tmp_path, bytes(data), ExplicitVRLittleEndian)
