@@ -44,7 +44,6 @@ __all__ = ["ReceiveSpool", "SpoolRefusal", "SpoolSettings", "abandon", "install"
 
 BUFFER_BYTES = 1 << 20  # written to the file in pieces of about this size
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_PREAMBLE_LENGTH = 132  # 128-byte preamble and "DICM"
 _GROUP_LENGTH_ELEMENT = struct.pack("<HH2sH", 0x0002, 0x0000, b"UL", 4)
 
 
@@ -85,7 +84,6 @@ class ReceiveSpool:
         self._limit = settings.max_data_set_bytes
         self._calling_ae_title = calling_ae_title
         self._digest = hashlib.sha256()
-        self._header = b""
         self._buffer = bytearray()
         self._fd: int | None = os.open(
             self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
@@ -103,20 +101,13 @@ class ReceiveSpool:
     def write_header(self, meta: RequestMeta) -> None:
         """Preamble and File Meta Information, encoded directly (see :func:`_file_meta`)."""
         header = _file_meta(meta, self._calling_ae_title)
-        self._header = b""  # pynetdicom's preamble and "DICM" are part of it
         self.data_offset = len(header)
         self._append(header)
 
     def write(self, data: bytes) -> int:
-        """pynetdicom writes the preamble, "DICM", its File Meta Information, then fragments."""
+        """pynetdicom writes the preamble and "DICM" (both part of :meth:`write_header`), its
+        File Meta Information (routed to :meth:`write_header`), then the data set fragments."""
         if self.data_offset == 0:
-            self._header += data
-            meta_length = _meta_length(self._header)
-            if meta_length is not None and len(self._header) >= meta_length:
-                header = _with_source_ae(self._header, self._calling_ae_title)
-                self._header = b""
-                self.data_offset = len(header)
-                self._append(header)
             return len(data)
         self.data_set_bytes += len(data)
         if self.data_set_bytes > self._limit and self.refusal is None:
@@ -228,44 +219,6 @@ _META_IMPLEMENTATION = _meta_element(
     PYNETDICOM_IMPLEMENTATION_VERSION.encode()
     + b" " * (len(PYNETDICOM_IMPLEMENTATION_VERSION) % 2),
 )
-
-
-def _meta_length(header: bytes) -> int | None:
-    """Length of preamble + File Meta Information, once its group length has arrived."""
-    end = _PREAMBLE_LENGTH + len(_GROUP_LENGTH_ELEMENT) + 4
-    if len(header) < end:
-        return None
-    (group_length,) = struct.unpack_from("<L", header, end - 4)
-    return end + int(group_length)
-
-
-def _with_source_ae(header: bytes, calling_ae_title: str) -> bytes:
-    """Append (0002,0016) Source Application Entity Title; pynetdicom's meta ends before it."""
-    meta_start = _PREAMBLE_LENGTH + len(_GROUP_LENGTH_ELEMENT) + 4
-    meta = header[meta_start:]
-    title = calling_ae_title.strip().encode("ascii", "replace")[:16]
-    if not title or _has_element(meta, 0x0016):
-        return header
-    if len(title) % 2:
-        title += b" "
-    meta += struct.pack("<HH2sH", 0x0002, 0x0016, b"AE", len(title)) + title
-    return header[:_PREAMBLE_LENGTH] + _GROUP_LENGTH_ELEMENT + struct.pack("<L", len(meta)) + meta
-
-
-def _has_element(meta: bytes, element: int) -> bool:
-    """Whether the explicit VR little endian group 0002 ``meta`` holds ``element``."""
-    offset = 0
-    while offset + 8 <= len(meta):
-        _group, number, vr = struct.unpack_from("<HH2s", meta, offset)
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
-            (length,) = struct.unpack_from("<L", meta, offset + 8)
-            offset += 12 + length
-        else:
-            (length,) = struct.unpack_from("<H", meta, offset + 6)
-            offset += 8 + length
-        if number == element:
-            return True
-    return False
 
 
 # -- the registry pynetdicom's handler thread takes spools from -------------------------------

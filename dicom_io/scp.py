@@ -505,7 +505,7 @@ class StoreSCP:
     def _store(self, event: Event) -> None:
         request = cast(C_STORE, event.request)
         spool = receive_spool.take(event.dataset_path)
-        if spool is None:  # pynetdicom wrote it somewhere else: not our association's AE
+        if spool is None or not spool.data_offset:  # not written through our spool's hooks
             raise _InvalidInstanceError(StoreStatus.PROCESSING_FAILURE, "data set not spooled")
         if isinstance(spool.refusal, receive_spool.TooLargeError):
             raise _TooLargeError(str(spool.refusal))
