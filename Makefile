@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_sliding_window.py
 	$(BIN)/python tests/benchmarks/bench_training_step.py
 	$(BIN)/python tests/benchmarks/bench_broker.py
+	$(BIN)/python tests/benchmarks/bench_new_lesion_steps.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -257,6 +257,49 @@ class NewLesionsPipelineConfig(PipelineConfig):
         description="Prior FLAIR -> current FLAIR registration; syn (deformable) adds about "
         "a minute per brain on CPU",
     )
+    method: Literal["subtraction", "tracking", "confirmed", "tracking_confirmed"] = Field(
+        "confirmed",
+        description="How new lesions are found: 'subtraction' (the new-lesion U-Net on prior, "
+        "current and their difference), 'tracking' (FLAIR lesions of the current study that "
+        "touch no FLAIR lesion of the registered prior), 'confirmed' (subtraction candidates "
+        "that lie in a current FLAIR lesion), 'tracking_confirmed' (tracked new FLAIR lesions "
+        "that a subtraction candidate touches). 'confirmed' scored the best lesion-wise F1 on "
+        "the real longitudinal pairs (models/weights/new_lesions.RESULTS.md)",
+    )
+    min_registration_similarity: float = Field(
+        0.6,
+        ge=-1,
+        le=1,
+        description="Correlation of the registered prior FLAIR with the current FLAIR inside "
+        "the brain below which the comparison is reported as unreliable (no counts)",
+    )
+    enlarging_relative: float = Field(
+        0.5,
+        gt=0,
+        description="A tracked lesion is enlarging when it grew by this fraction of its prior "
+        "volume (0.5 = +50 %) and by enlarging_absolute_ml; shrinking by the same rules",
+    )
+    enlarging_absolute_ml: float = Field(
+        0.01, ge=0, description="Smallest volume change (mL) that counts as enlarging/shrinking"
+    )
+    match_margin_mm: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="A current lesion continues a prior lesion it touches within this margin",
+    )
+    new_max_prior_probability: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="A lesion is new only if the FLAIR model's probability on the registered "
+        "prior stays below this within the margin (1.0: off)",
+    )
+    new_min_difference_sd: float | None = Field(
+        None,
+        description="A lesion is new only if its mean current-minus-prior FLAIR (z-scored in "
+        "the brain) is at least this many SD (null: off)",
+    )
 
 
 class EnhancingPipelineConfig(PipelineConfig):

@@ -24,6 +24,7 @@ from pydicom.sr.coding import Code
 __all__ = [
     "ANATOMIC_REGION_BRAIN",
     "ASSESSMENT_BY_COMPARISON",
+    "CHANGE_STATUS_CODES",
     "COMMENT",
     "COMPARISON_WITH_PRIOR_DONE",
     "FINDING_CONCEPTS",
@@ -37,6 +38,7 @@ __all__ = [
     "NUMBER_OF_LESIONS",
     "PROCEDURE_REPORTED",
     "QUALITATIVE_EVALUATIONS",
+    "RADIOLOGICAL_ACTIVITY",
     "ALGORITHM_FAMILY",
     "SUM_OF_SEGMENTED_VOXELS",
     "VOLUME",
@@ -104,3 +106,13 @@ YES = Code("373066001", "SCT", "Yes")
 NO = Code("373067005", "SCT", "No")
 COMMENT = Code("121106", "DCM", "Comment")
 ASSESSMENT_BY_COMPARISON = Code("121375", "DCM", "Assessment By Comparison")  # value: NEW
+# Values of "Assessment By Comparison" for a tracked lesion (lesion_tracking.ChangeStatus).
+CHANGE_STATUS_CODES: dict[str, Code] = {
+    "new": NEW,
+    "enlarging": Code("260376009", "SCT", "Enlarged"),
+    "stable": Code("260388006", "SCT", "No change"),
+    "shrinking": Code("1250004", "SCT", "Decreased"),
+}
+# No standard concept says "MS radiological activity" (any new or enlarging T2 lesion since the
+# prior); a private code (99 prefix, DICOM PS3.16 8.2) names it, valued Yes/No.
+RADIOLOGICAL_ACTIVITY = Code("ACT-T2", "99LWATCH", "Radiological activity since prior")

@@ -9,6 +9,7 @@ Plain JSON types only: `json.dumps(build_result_json(...))` always works.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -52,6 +53,8 @@ def _finding(finding: FindingReport) -> dict[str, Any]:
                 "bbox_min_ijk": _list(lesion.bbox_min_ijk),
                 "bbox_max_ijk": _list(lesion.bbox_max_ijk),
                 "longest_diameter_mm": lesion.longest_diameter_mm,
+                "change_status": lesion.change_status,
+                "prior_volume_ml": lesion.prior_volume_ml,
             }
             for lesion in finding.lesions
         ],
@@ -84,7 +87,13 @@ def build_result_json(
         "accession_number": str(current.get("AccessionNumber", "")),
         "study_date": str(current.get("StudyDate", "")),
         "prior_study": (
-            {"study_instance_uid": prior.study_instance_uid, "study_date": prior.study_date}
+            {
+                "study_instance_uid": prior.study_instance_uid,
+                "study_date": prior.study_date,
+                "change": None
+                if prior.change is None
+                else {**asdict(prior.change), "radiological_activity": prior.change.active},
+            }
             if prior is not None
             else None
         ),

@@ -43,6 +43,7 @@ from lesionwatch.dicom_io.codes import (
     ALGORITHM_FAMILY,
     ANATOMIC_REGION_BRAIN,
     ASSESSMENT_BY_COMPARISON,
+    CHANGE_STATUS_CODES,
     COMMENT,
     COMPARISON_WITH_PRIOR_DONE,
     FINDING_CONCEPTS,
@@ -54,6 +55,7 @@ from lesionwatch.dicom_io.codes import (
     NUMBER_OF_LESIONS,
     PROCEDURE_REPORTED,
     QUALITATIVE_EVALUATIONS,
+    RADIOLOGICAL_ACTIVITY,
     SUM_OF_SEGMENTED_VOXELS,
     VOLUME,
     YES,
@@ -67,6 +69,7 @@ LOGGER = logging.getLogger(__name__)
 __all__ = [
     "AnalysisNote",
     "AnalysisState",
+    "ChangeSummary",
     "FindingReport",
     "LesionMeasurement",
     "PriorStudyReference",
@@ -118,6 +121,8 @@ class LesionMeasurement:
     bbox_max_ijk: tuple[int, int, int] | None = None
     longest_diameter_mm: float | None = None
     tracking_uid: str | None = None  # stable across studies when the lesion is tracked
+    change_status: str | None = None  # since the prior: new, enlarging, stable, shrinking
+    prior_volume_ml: float | None = None  # of the prior lesion(s) it continues
 
     @classmethod
     def from_lesion(cls, lesion: Any) -> LesionMeasurement:
@@ -139,12 +144,41 @@ class LesionMeasurement:
 
 
 @dataclass(frozen=True)
+class ChangeSummary:
+    """Lesion counts by change since the prior (FLAIR lesions tracked between the studies)."""
+
+    new: int  # as the new-lesion finding reports them
+    enlarging: int
+    stable: int
+    shrinking: int
+    disappeared: int  # prior lesions with no current counterpart
+    prior_lesions: int
+    registration: str
+    similarity: float
+
+    @property
+    def active(self) -> bool:
+        """Radiological activity: any new or enlarging lesion."""
+        return self.new > 0 or self.enlarging > 0
+
+    def text(self) -> str:
+        activity = "yes (new or enlarging lesions)" if self.active else "no"
+        return (
+            f"Change since prior: {self.new} new, {self.enlarging} enlarging, {self.stable} "
+            f"stable, {self.shrinking} shrinking lesion(s); {self.disappeared} of "
+            f"{self.prior_lesions} prior lesion(s) no longer seen. Radiological activity: "
+            f"{activity}. Prior registered {self.registration} (similarity {self.similarity:.2f})."
+        )
+
+
+@dataclass(frozen=True)
 class PriorStudyReference:
     """The prior study a comparison (new lesions) was made against."""
 
     study_instance_uid: str
     study_date: str | None = None  # DICOM DA, YYYYMMDD
     series: Sequence[Dataset] = ()  # prior images used; recorded as pertinent other evidence
+    change: ChangeSummary | None = None  # None: lesion tracking not available
 
     def text(self) -> str:
         date = self.study_date or "unknown date"
@@ -193,9 +227,14 @@ def _referenced_segment(finding: FindingReport) -> hd.sr.ReferencedSegment:
     )
 
 
-def _evaluations(finding: FindingReport) -> list[hd.sr.QualitativeEvaluation] | None:
-    """The evaluation "New" for new lesions (the SEG type modifier, coded in the SR)."""
+def _evaluations(
+    finding: FindingReport, lesion: LesionMeasurement | None = None
+) -> list[hd.sr.QualitativeEvaluation] | None:
+    """The evaluation "New" for new lesions (the SEG type modifier, coded in the SR), or a
+    tracked lesion's change since the prior (new, enlarged, no change, decreased)."""
     modifier = FINDING_CONCEPTS[finding.finding_type].property_type_modifier
+    if modifier is None and lesion is not None and lesion.change_status in CHANGE_STATUS_CODES:
+        modifier = CHANGE_STATUS_CODES[lesion.change_status]
     if modifier is None:
         return None
     return [hd.sr.QualitativeEvaluation(ASSESSMENT_BY_COMPARISON, modifier)]
@@ -358,7 +397,7 @@ def _lesion_groups(
         finding_category=concept.category,
         finding_sites=[hd.sr.FindingSite(ANATOMIC_REGION_BRAIN)],
         measurements=measurements,
-        qualitative_evaluations=_evaluations(finding),
+        qualitative_evaluations=_evaluations(finding, lesion),
     )
     region = _location(stack, lesion)
     if region is None:
@@ -445,6 +484,15 @@ def _report_evaluations(
         )
     ]
     texts = [prior.text()] if prior is not None else []
+    if prior is not None and prior.change is not None:
+        items.append(
+            hd.sr.CodeContentItem(
+                name=RADIOLOGICAL_ACTIVITY,
+                value=YES if prior.change.active else NO,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+        texts.append(prior.change.text())
     texts += [note.text() for note in notes]
     items += [
         hd.sr.TextContentItem(

@@ -50,7 +50,7 @@ from lesionwatch.models.synthetic_lesions import (
     estimate_tissues,
     make_new_lesion_pair,
 )
-from lesionwatch.pipelines.channels import TASK_CHANNELS, build_channels
+from lesionwatch.pipelines.channels import TASK_CHANNELS, build_channels, resolve_channels
 from lesionwatch.pipelines.steps.bias_correction import correct_bias_field
 from lesionwatch.pipelines.steps.resampling import (
     Grid,
@@ -230,18 +230,18 @@ def _binary(volume: ImageVolume) -> ImageVolume:
     return volume.with_array((volume.array > 0).astype(np.uint8))
 
 
-def _cross_sectional_case(spec: CaseSpec) -> TrainingCase:
+def _cross_sectional_case(spec: CaseSpec, channels: tuple[str, ...]) -> TrainingCase:
     mask_name = "MASK.nii.gz" if spec.dataset == "mslesseg" else "lesion_mask.nii.gz"
     flair = ImageVolume.load(spec.folder / "FLAIR.nii.gz")
     label = _binary(ImageVolume.load(spec.folder / mask_name))
     if not flair.same_grid(label):
         raise DatasetError(f"{spec.folder}: FLAIR and {mask_name} are on different grids")
     brain = _binary(flair)  # skull-stripped data: the brain is the nonzero region
-    image = build_channels("flair", {"flair": flair}, brain)
+    image = build_channels("flair", {"flair": flair}, brain, channels)
     return TrainingCase(
         spec.case_id,
         spec.subject,
-        TASK_CHANNELS["flair"],
+        channels,
         image,
         label.array,
         brain.array > 0,
@@ -266,7 +266,9 @@ def _soft_mask_to_grid(mask: ImageVolume, grid: Grid) -> ImageVolume:
     return soft.with_array((soft.array >= 0.5).astype(np.uint8))
 
 
-def _longitudinal_case(spec: CaseSpec, spacing_mm: float = 1.0) -> TrainingCase:
+def _longitudinal_case(
+    spec: CaseSpec, channels: tuple[str, ...], spacing_mm: float = 1.0
+) -> TrainingCase:
     gt = ImageVolume.load(spec.folder / "gt.nii.gz")
     brain_common = ImageVolume.load(spec.folder / "brainmask_common_space.nii.gz")
     reference = gt.to_sitk()
@@ -280,12 +282,12 @@ def _longitudinal_case(spec: CaseSpec, spacing_mm: float = 1.0) -> TrainingCase:
     brain = _soft_mask_to_grid(brain_common, grid)
     label = _soft_mask_to_grid(gt, grid)
     image = build_channels(
-        "new_lesions", {"prior_flair_registered": prior, "current_flair": current}, brain
+        "new_lesions", {"prior_flair_registered": prior, "current_flair": current}, brain, channels
     )
     return TrainingCase(
         spec.case_id,
         spec.subject,
-        TASK_CHANNELS["new_lesions"],
+        channels,
         image,
         label.array,
         brain.array > 0,
@@ -293,12 +295,15 @@ def _longitudinal_case(spec: CaseSpec, spacing_mm: float = 1.0) -> TrainingCase:
     )
 
 
-def load_real_case(spec: CaseSpec, task: str) -> TrainingCase:
-    """Read, map and normalise one real case for ``task``."""
+def load_real_case(
+    spec: CaseSpec, task: str, channels: Sequence[str] | None = None
+) -> TrainingCase:
+    """Read, map and normalise one real case for ``task`` (``channels``: one of the task's
+    allowed sets, default its `TASK_CHANNELS`)."""
     if task == "flair" and spec.dataset in ("open_ms_cross_sectional", "mslesseg"):
-        return _cross_sectional_case(spec)
+        return _cross_sectional_case(spec, resolve_channels(task, channels))
     if task == "new_lesions" and spec.dataset == "open_ms_longitudinal":
-        return _longitudinal_case(spec)
+        return _longitudinal_case(spec, resolve_channels(task, channels))
     raise DatasetError(f"case {spec.case_id} ({spec.dataset}) cannot serve task {task!r}")
 
 
@@ -443,12 +448,15 @@ def synthetic_case(
     tissues: TissueMasks | None = None,
     real_lesions: RealLesionHandling = "inpaint",
     new_lesion_range: tuple[int, int] = (1, 6),
+    channels: Sequence[str] | None = None,
 ) -> TrainingCase:
     """One synthetic case of ``task`` painted into ``brain`` (deterministic given ``rng``).
 
     flair: all lesions labelled; new_lesions: a prior/current pair from
     `make_new_lesion_pair`, the prior registered back onto the current grid, label = new
     lesions; enhancing: T1 pre/post with enhancing lesions, label = enhancing voxels.
+    ``channels``: one of the task's allowed sets (default: its `TASK_CHANNELS`); the lesions
+    painted do not depend on it.
     """
     model = lesion_model or LesionModel()
     if real_lesions == "inpaint" and brain.lesions is not None:
@@ -514,12 +522,13 @@ def synthetic_case(
         raise DatasetError(f"unknown task {task!r}; use one of {sorted(TASK_CHANNELS)}")
     if real_label is not None:
         label = label | real_label
-    image = build_channels(task, volumes, brain_mask)
+    chosen = resolve_channels(task, channels)
+    image = build_channels(task, volumes, brain_mask, chosen)
     label_volume = brain.flair.with_array(label.astype(np.uint8))
     return TrainingCase(
         case_id,
         brain.subject,
-        TASK_CHANNELS[task],
+        chosen,
         image,
         label_volume.array,
         brain_mask.array > 0,
@@ -615,19 +624,24 @@ def real_case_set(
     datasets: Sequence[str] | None = None,
     *,
     cache_size: int = 8,
+    channels: Sequence[str] | None = None,
 ) -> CaseSet:
-    """The labelled real cases of ``task`` (loaded lazily)."""
+    """The labelled real cases of ``task`` (loaded lazily) with ``channels`` (default: the
+    task's `TASK_CHANNELS`)."""
     specs = find_real_cases(task, data_root, datasets)
+    chosen = resolve_channels(task, channels)
     sources = sorted({spec.dataset for spec in specs})
     citations = [_MSLESSEG_CITATION if s == "mslesseg" else _OPEN_MS_CITATION for s in sources]
     description = (
         f"real labelled {task} cases: {', '.join(s.case_id for s in specs)} "
         f"[{'; '.join(sorted(set(citations)))}]"
     )
+    if chosen != TASK_CHANNELS[task]:
+        description += f", input channels {list(chosen)}"
     return CaseSet(
         [s.case_id for s in specs],
         [s.subject for s in specs],
-        lambda i: load_real_case(specs[i], task),
+        lambda i: load_real_case(specs[i], task, chosen),
         description,
         cache_size=cache_size,
     )
@@ -663,9 +677,12 @@ def synthetic_case_set(
     lesion_model: LesionModel | None = None,
     real_lesions: RealLesionHandling = "inpaint",
     cache_size: int = 8,
+    channels: Sequence[str] | None = None,
 ) -> CaseSet:
     """``n_cases`` synthetic cases; case ``i`` uses brain ``i % len(brains)`` and the random
-    stream ``(seed, i)``, so any case can be rebuilt alone. ``brains`` may be loaders."""
+    stream ``(seed, i)``, so any case can be rebuilt alone. ``brains`` may be loaders.
+    ``channels`` (default: the task's `TASK_CHANNELS`) changes the input, not the lesions."""
+    chosen = resolve_channels(task, channels)
     if n_cases < 1 or not brains:
         raise DatasetError("a synthetic case set needs n_cases >= 1 and at least one brain")
     if lesion_model is None and task == "enhancing":
@@ -695,6 +712,7 @@ def synthetic_case_set(
             lesion_model=lesion_model,
             tissues=tissues,
             real_lesions=real_lesions,
+            channels=chosen,
         )
 
     names = [
@@ -720,6 +738,8 @@ def synthetic_case_set(
             f", plus {count_low}-{count_high} confluent periventricular plaques of "
             f"{volume_low:g}-{volume_high:g} mm3"
         )
+    if chosen != TASK_CHANNELS[task]:
+        load_text += f", input channels {list(chosen)}"
     description = (
         f"{n_cases} synthetic {task} cases (models.synthetic_lesions, seed {seed}, real "
         f"lesions: {real_lesions}{load_text}) in real brains: {'; '.join(names)}"

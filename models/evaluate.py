@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from lesionwatch.config.schema import InferenceConfig
-from lesionwatch.models.datasets import TASK_CHANNELS, CaseSet, TrainingCase
+from lesionwatch.models.datasets import CaseSet, TrainingCase
 from lesionwatch.models.finetune import FinetuneSettings, finetune
 from lesionwatch.models.metrics import (
     AnimaDetectionParams,
@@ -46,7 +46,7 @@ from lesionwatch.models.weights import (
     WeightsIntegrityError,
     card_path_for,
     file_sha256,
-    load_model,
+    load_task_model,
     read_card,
 )
 
@@ -62,6 +62,7 @@ __all__ = [
     "markdown_table",
     "predict_probability",
     "record_metrics_in_card",
+    "update_card",
 ]
 
 # (column title, CaseMetrics.as_dict key, summarize_cases key)
@@ -207,11 +208,11 @@ def evaluate_model(
 def evaluate(
     weights: Path, cases: CaseSet, settings: EvaluateSettings, *, task: str | None = None
 ) -> EvaluationReport:
-    """Load ``weights`` (card-checked against ``task``, default: the card's task) and score
-    it on ``cases``."""
+    """Load ``weights`` (card-checked against ``task``, default: the card's task, and any of
+    its allowed channel sets) and score it on ``cases``, which must carry the same channels."""
     weights = Path(weights)
     task = task or read_card(weights).task
-    model, card = load_model(weights, task, TASK_CHANNELS[task])
+    model, card = load_task_model(weights, task)
     return evaluate_model(model, card, cases, settings, label=f"{weights.name} {card.version}")
 
 
@@ -247,7 +248,20 @@ def record_metrics_in_card(
             if math.isfinite(value.se):
                 metrics[f"{prefix}{name}_se"] = value.se
     metrics.update(extra_metrics or {})
-    update: dict[str, Any] = {"metrics": metrics}
+    return update_card(weights, metrics=metrics, evaluation=evaluation)
+
+
+def update_card(
+    weights: Path, *, metrics: Mapping[str, float] | None = None, evaluation: str | None = None
+) -> ModelCard:
+    """Replace the metrics and/or the results text of the card of ``weights`` (atomically)."""
+    weights = Path(weights)
+    card = read_card(weights)
+    if file_sha256(weights) != card.sha256:
+        raise WeightsIntegrityError(f"{weights} does not match its card; not updating it")
+    update: dict[str, Any] = {}
+    if metrics is not None:
+        update["metrics"] = dict(metrics)
     if evaluation is not None:
         update["evaluation"] = evaluation
     updated = card.model_copy(update=update)
@@ -362,7 +376,7 @@ def loocv(
     report = LoocvReport(task=task)
     default_model: tuple[UNet3D, ModelCard] | None = None
     if default_weights is not None:
-        default_model = load_model(default_weights, task, TASK_CHANNELS[task])
+        default_model = load_task_model(default_weights, task)
     scratch = settings.scratch
     if scratch is not None and scratch.task != task:
         scratch = scratch.model_copy(update={"task": task})

@@ -1,7 +1,8 @@
 """Fine-tuning: continue training a card-checked model on a few real cases (the seeds' idea).
 
 The parent model is loaded through `models.weights.load_model`, so its sha256 and card are
-verified and its task and channels must match. Optionally the encoder (stem and down blocks,
+verified; its card's channels must be one of the task's allowed sets, and the fine-tuning
+cases must carry the same. Optionally the encoder (stem and down blocks,
 their BatchNorm statistics included) stays frozen for the first steps, so the decoder adapts
 to the new data before the pre-trained features move. The new card records the parent's
 version and sha256 next to the fine-tuning data.
@@ -17,12 +18,13 @@ the model over-call another scanner's studies (models/reproduce.py has the figur
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
-from lesionwatch.models.datasets import TASK_CHANNELS, CaseSet
+from lesionwatch.models.datasets import CaseSet
 from lesionwatch.models.patch_sampling import subject_balanced_weights
 from lesionwatch.models.train import (
     OptimisationSettings,
@@ -32,6 +34,7 @@ from lesionwatch.models.train import (
     seed_everything,
 )
 from lesionwatch.models.weights import load_model, read_card
+from lesionwatch.pipelines.channels import channel_options
 
 __all__ = ["FinetuneSettings", "finetune"]
 
@@ -54,10 +57,12 @@ def finetune(
     *,
     resume: bool = False,
     rehearsal: CaseSet | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Fine-tune the model at ``from_weights`` on ``cases``; writes weights + card in
     ``out_dir`` (same task and channels as the parent). ``rehearsal``: the cases that
-    ``settings.rehearsal_fraction`` of the patches come from."""
+    ``settings.rehearsal_fraction`` of the patches come from; ``on_step(step, loss)`` is
+    called after every step."""
     from_weights = Path(from_weights)
     if settings.rehearsal_fraction > 0 and rehearsal is None:
         raise TrainingError(
@@ -66,11 +71,11 @@ def finetune(
         )
     parent_card = read_card(from_weights)
     task = parent_card.task
-    channels = TASK_CHANNELS[task]
-    if parent_card.architecture.channels != channels:
+    channels = parent_card.architecture.channels
+    if channels not in channel_options(task):
         raise TrainingError(
-            f"{from_weights}: card channels {list(parent_card.architecture.channels)} differ "
-            f"from the {task} task's {list(channels)}; it cannot be fine-tuned here"
+            f"{from_weights}: card channels {list(channels)} are none of the {task} task's "
+            f"{[list(option) for option in channel_options(task)]}; it cannot be fine-tuned here"
         )
     if abs(parent_card.spacing_mm[0] - settings.spacing_mm) > 1e-6:
         raise TrainingError(
@@ -112,4 +117,6 @@ def finetune(
         freeze_encoder_steps=settings.freeze_encoder_steps,
         training_data=training_data,
         recipe_note=note,
+        on_step=on_step,
+        channels=channels,
     )

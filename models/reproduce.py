@@ -117,6 +117,14 @@ class ReproducePlan(BaseModel):
             update["finetune"] = steps(self.finetune)
         return self.model_copy(update=update)
 
+    def with_channels(self, channels: tuple[str, ...] | None) -> ReproducePlan:
+        """The same plan feeding ``channels`` (one of the task's allowed sets; None: its
+        default) to pre-training, and so to every model fine-tuned from it."""
+        pretrain = TrainSettings.model_validate(
+            {**self.pretrain.model_dump(), "channels": channels}
+        )
+        return self.model_copy(update={"pretrain": pretrain})
+
 
 # Shared recipe. Measured choices against the seeds' baseline (Adam 1e-5, cross-entropy,
 # 96 mm patches): on a CPU budget of a few thousand steps lr 1e-5 barely moves the loss, so
@@ -233,7 +241,13 @@ def _synthetic(plan: ReproducePlan, data_root: Path | None, n: int, seed: int) -
     brains = synthetic_brains(plan.task, data_root)
     # hold every case: building one takes ~12 s on CPU, rebuilding evicted ones starves training
     return synthetic_case_set(
-        plan.task, brains, n, seed, lesion_model=plan.synthetic_lesion_model(), cache_size=n
+        plan.task,
+        brains,
+        n,
+        seed,
+        lesion_model=plan.synthetic_lesion_model(),
+        cache_size=n,
+        channels=plan.pretrain.channels,
     )
 
 
@@ -244,6 +258,7 @@ def _scratch_settings(plan: ReproducePlan) -> TrainSettings:
     tuned.update(learning_rate=plan.pretrain.learning_rate, name=f"{plan.task}_scratch")
     return TrainSettings(
         task=plan.pretrain.task,
+        channels=plan.pretrain.channels,
         depth=plan.pretrain.depth,
         base_width=plan.pretrain.base_width,
         dilation=plan.pretrain.dilation,
@@ -287,7 +302,7 @@ def reproduce_task(
         )
         return TaskOutcome(plan.task, pretrained.weights_path, results)
 
-    real = real_case_set(plan.task, data_root)
+    real = real_case_set(plan.task, data_root, channels=plan.pretrain.channels)
     rehearsal = synthetic if plan.finetune.rehearsal_fraction > 0 else None
     report_loocv = loocv(
         pretrained.weights_path,

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from lesionwatch.models.augmentation import (
@@ -43,7 +43,7 @@ from lesionwatch.models.augmentation import (
     extract_patch,
     random_transform,
 )
-from lesionwatch.models.datasets import TASK_CHANNELS, CaseSet, TaskName, TrainingCase
+from lesionwatch.models.datasets import CaseSet, TaskName, TrainingCase
 from lesionwatch.models.device import (
     configure_cpu_threads,
     cpu_supports_bfloat16,
@@ -53,6 +53,7 @@ from lesionwatch.models.device import (
 from lesionwatch.models.patch_sampling import PatchSampler, subject_balanced_weights
 from lesionwatch.models.unet3d import UNet3D
 from lesionwatch.models.weights import ModelCard, save_model
+from lesionwatch.pipelines.channels import ChannelInputError, resolve_channels
 
 __all__ = [
     "OptimisationSettings",
@@ -85,6 +86,7 @@ _NEWER_FIELDS_OFF: dict[str, Any] = {
     "balance_subjects": False,
     "rehearsal_fraction": 0.0,
     "lesion_balance": 0.0,
+    "channels": None,
 }
 
 
@@ -138,9 +140,22 @@ class TrainSettings(OptimisationSettings):
     """Training from scratch: the task and the network's shape on top of the optimisation."""
 
     task: TaskName = "flair"
+    channels: tuple[str, ...] | None = Field(
+        None, description="input channels, one of the task's allowed sets; None: its default"
+    )
     depth: Literal[3, 4, 5] = 4
     base_width: int = Field(8, ge=1)
     dilation: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _channels_allowed(self) -> TrainSettings:
+        resolve_channels(self.task, self.channels)  # a ChannelInputError is a ValueError
+        return self
+
+    @property
+    def input_channels(self) -> tuple[str, ...]:
+        """The channels the network is fed (the task's default when ``channels`` is None)."""
+        return resolve_channels(self.task, self.channels)
 
 
 @dataclass(frozen=True)
@@ -209,7 +224,7 @@ def _fingerprint(settings: OptimisationSettings, model: UNet3D, cases: CaseSet) 
             augmentation.pop(key)
     for key, off in _NEWER_FIELDS_OFF.items():
         if dumped.get(key) == off:
-            dumped.pop(key)
+            dumped.pop(key, None)
     return {
         "settings": dumped,
         "architecture": [model.in_channels, model.out_classes, model.depth, model.base_width],
@@ -276,6 +291,7 @@ def run_training(
     recipe_note: str = "",
     on_step: Callable[[int, float], None] | None = None,
     case_weights: Sequence[float] | None = None,
+    channels: Sequence[str] | None = None,
 ) -> TrainResult:
     """Optimise ``model`` on ``cases``; write checkpoints, a log and the final weights + card.
 
@@ -283,9 +299,13 @@ def run_training(
     included) stays fixed for the first steps (fine-tuning). ``training_data`` (default: the
     case set's description) and ``recipe_note`` go into the model card. ``case_weights``
     (one per case) skews which cases patches come from; by default cases are drawn
-    uniformly, or per subject with ``settings.balance_subjects``.
+    uniformly, or per subject with ``settings.balance_subjects``. ``channels``: the input
+    set, one allowed for the task (default: its `TASK_CHANNELS`); every case must carry it.
     """
-    channels = TASK_CHANNELS[task]
+    try:
+        channels = resolve_channels(task, channels)
+    except ChannelInputError as exc:
+        raise TrainingError(str(exc)) from exc
     if model.in_channels != len(channels):
         raise TrainingError(
             f"task {task} feeds {len(channels)} channels {list(channels)}, the network takes "
@@ -394,6 +414,11 @@ def run_training(
             prefetching = prefetcher.submit(prefetch, block + 1)
         for index in chosen:
             case = cases.load(index)
+            if case.channels != channels:
+                raise TrainingError(
+                    f"case {case.case_id} carries channels {list(case.channels)}, the network "
+                    f"is trained on {list(channels)}"
+                )
             if not np.allclose(case.spacing_mm, spacing, atol=1e-3):
                 raise TrainingError(
                     f"case {case.case_id} has spacing {case.spacing_mm} mm, training runs at "
@@ -528,12 +553,18 @@ def run_training(
 
 
 def train(
-    settings: TrainSettings, cases: CaseSet, out_dir: Path, *, resume: bool = False
+    settings: TrainSettings,
+    cases: CaseSet,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train a freshly initialised network (seeded by ``settings.seed``) on ``cases``."""
+    """Train a freshly initialised network (seeded by ``settings.seed``) on ``cases``, fed
+    ``settings.input_channels``; ``on_step(step, loss)`` is called after every step."""
     seed_everything(settings.seed)
     model = UNet3D(
-        len(TASK_CHANNELS[settings.task]),
+        len(settings.input_channels),
         2,
         depth=settings.depth,
         base_width=settings.base_width,
@@ -547,4 +578,6 @@ def train(
         settings=settings,
         resume=resume,
         recipe_note="trained from scratch",
+        on_step=on_step,
+        channels=settings.input_channels,
     )

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lesionwatch.models.unet3d import UNet3D
+from lesionwatch.pipelines.channels import channel_options
 
 __all__ = [
     "ARCHITECTURE_NAME",
@@ -32,6 +33,7 @@ __all__ = [
     "card_path_for",
     "file_sha256",
     "load_model",
+    "load_task_model",
     "read_card",
     "save_model",
 ]
@@ -262,3 +264,28 @@ def load_model(
             f"({card.architecture.model_dump()}): {exc}"
         ) from exc
     return model.to(map_location).eval(), card
+
+
+def load_task_model(
+    weights_path: str | Path,
+    task: str,
+    *,
+    expected_spacing_mm: tuple[float, float, float] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[UNet3D, ModelCard]:
+    """`load_model` for a caller that can build any channel set allowed for ``task``
+    (`pipelines.channels.channel_options`): the card's set is accepted when allowed, anything
+    else is refused as by `load_model` against the task's default set."""
+    weights_path = Path(weights_path)
+    options = channel_options(task)
+    channels = options[0]
+    if weights_path.is_file():
+        named = read_card(weights_path).architecture.channels
+        channels = named if named in options else channels
+    return load_model(
+        weights_path,
+        task,
+        channels,
+        expected_spacing_mm=expected_spacing_mm,
+        map_location=map_location,
+    )

@@ -25,20 +25,33 @@ from lesionwatch.models.weights import ModelCard, ModelCardMismatchError
 from lesionwatch.pipelines.inference import SlidingWindowInferer
 from lesionwatch.pipelines.postprocess import Lesion, label_lesions
 from lesionwatch.pipelines.preprocess import PreprocessResult, preprocess
-from lesionwatch.pipelines.steps.registration import register
+from lesionwatch.pipelines.steps.registration import register, similarity_in_mask
 
 __all__ = [
     "CandidateCheck",
+    "HelperModel",
     "LesionSegmentation",
     "RegisteredPair",
     "RegistrationName",
     "check_isotropic_card",
     "check_task_card",
+    "lesions_to_source_grid",
+    "predict_on_working_grid",
     "prepare_registered_pair",
     "segment_on_working_grid",
 ]
 
 RegistrationName = Literal["rigid", "affine", "syn"]
+
+
+@dataclass(frozen=True)
+class HelperModel:
+    """Another pipeline's model that a pipeline runs too (new lesions: the FLAIR model at both
+    time points), with that pipeline's settings (threshold, minimum volume)."""
+
+    network: UNet3D
+    card: ModelCard
+    config: PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,7 @@ class LesionSegmentation:
     lesions: list[Lesion]  # measured on the working grid
     timings_s: dict[str, float] = field(default_factory=dict)
     review: Any = None  # what a candidate check removed (enhancing_guard.CandidateReview)
+    change: Any = None  # the comparison with the prior (new_lesions.ChangeAnalysis)
 
 
 # Checks the candidates on the working grid: (labels, lesions) -> (kept labels, kept lesions,
@@ -93,6 +107,8 @@ class RegisteredPair:
     fixed_image: ImageVolume  # N4-corrected fixed image on its working grid
     moving_registered: ImageVolume  # N4-corrected moving image, warped onto fixed.grid
     timings_s: dict[str, float]
+    registration: RegistrationName
+    similarity: float  # correlation of the two inside the fixed brain (same contrast only)
 
 
 def _positive_brain(prepared: PreprocessResult) -> ImageVolume:
@@ -143,7 +159,59 @@ def prepare_registered_pair(
     warped = result.apply(moving_prepared.bias_corrected)
     result.close()
     timings[f"registration.{registration}"] = time.perf_counter() - start
-    return RegisteredPair(fixed_prepared, fixed_prepared.bias_corrected, warped, timings)
+    similarity = similarity_in_mask(
+        fixed_prepared.bias_corrected, warped, fixed_prepared.brain_mask
+    )
+    return RegisteredPair(
+        fixed_prepared, fixed_prepared.bias_corrected, warped, timings, registration, similarity
+    )
+
+
+def predict_on_working_grid(
+    image: npt.NDArray[np.float32],
+    prepared: PreprocessResult,
+    model: UNet3D,
+    card: ModelCard,
+    inference_cfg: InferenceConfig,
+) -> ImageVolume:
+    """Network input (C, Z, Y, X) on `prepared`'s working grid -> lesion probability there."""
+    inferer = SlidingWindowInferer(model, inference_cfg, card.spacing_mm)
+    brain = prepared.brain_mask.array > 0
+    probabilities = inferer(torch.from_numpy(image), torch.from_numpy(brain))
+    lesion_probability = (1.0 - probabilities[0]).clamp_(0.0, 1.0).numpy()  # any non-background
+    return prepared.image.with_array(lesion_probability.astype(np.float32))
+
+
+def lesions_to_source_grid(
+    probability_1mm: ImageVolume,
+    labels_1mm: ImageVolume,
+    lesions: list[Lesion],
+    prepared: PreprocessResult,
+    threshold: float,
+    timings: dict[str, float],
+    review: Any = None,
+    change: Any = None,
+) -> LesionSegmentation:
+    """Kept lesions (labels on the working grid) -> mask, labels, probability on the source
+    grid; `timings` gains the step "to_source_grid"."""
+    start = time.perf_counter()
+    labels = prepared.to_source_grid(labels_1mm, is_label=True)
+    probability = prepared.to_source_grid(probability_1mm, is_label=False)
+    # The mask is the kept lesions' probability interpolated onto the source grid and
+    # thresholded: measured closer to the truth than nearest-neighbour labels on thick-slice
+    # and oblique grids (Dice 0.89-0.95 vs 0.84-0.91, see pipelines/preprocess.py).
+    kept = probability_1mm.with_array(np.where(labels_1mm.array > 0, probability_1mm.array, 0.0))
+    mask = prepared.mask_to_source_grid(kept, threshold=threshold)
+    timings["to_source_grid"] = time.perf_counter() - start
+    return LesionSegmentation(
+        mask_source_grid=mask,
+        labels_source_grid=labels.with_array(labels.array.astype(np.int32)),
+        probability_source_grid=probability,
+        lesions=lesions,
+        timings_s=timings,
+        review=review,
+        change=change,
+    )
 
 
 def segment_on_working_grid(
@@ -163,14 +231,10 @@ def segment_on_working_grid(
     """
     timings = dict(timings)
     start = time.perf_counter()
-    inferer = SlidingWindowInferer(model, inference_cfg, card.spacing_mm)
-    brain = prepared.brain_mask.array > 0
-    probabilities = inferer(torch.from_numpy(image), torch.from_numpy(brain))
-    lesion_probability = (1.0 - probabilities[0]).clamp_(0.0, 1.0).numpy()  # any non-background
+    probability_1mm = predict_on_working_grid(image, prepared, model, card, inference_cfg)
     timings["inference"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    probability_1mm = prepared.image.with_array(lesion_probability.astype(np.float32))
     labels_1mm, lesions = label_lesions(
         probability_1mm, pipeline_cfg.threshold, pipeline_cfg.min_lesion_volume_mm3
     )
@@ -178,21 +242,6 @@ def segment_on_working_grid(
     if check is not None:
         labels_1mm, lesions, review = check(labels_1mm, lesions)
     timings["postprocess"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    labels = prepared.to_source_grid(labels_1mm, is_label=True)
-    probability = prepared.to_source_grid(probability_1mm, is_label=False)
-    # The mask is the kept lesions' probability interpolated onto the source grid and
-    # thresholded: measured closer to the truth than nearest-neighbour labels on thick-slice
-    # and oblique grids (Dice 0.89-0.95 vs 0.84-0.91, see pipelines/preprocess.py).
-    kept = probability_1mm.with_array(np.where(labels_1mm.array > 0, probability_1mm.array, 0.0))
-    mask = prepared.mask_to_source_grid(kept, threshold=pipeline_cfg.threshold)
-    timings["to_source_grid"] = time.perf_counter() - start
-    return LesionSegmentation(
-        mask_source_grid=mask,
-        labels_source_grid=labels.with_array(labels.array.astype(np.int32)),
-        probability_source_grid=probability,
-        lesions=lesions,
-        timings_s=timings,
-        review=review,
+    return lesions_to_source_grid(
+        probability_1mm, labels_1mm, lesions, prepared, pipeline_cfg.threshold, timings, review
     )

@@ -16,7 +16,7 @@ from lesionwatch.dicom_io.codes import FindingType
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.models.unet3d import UNet3D
 from lesionwatch.models.weights import ModelCard
-from lesionwatch.pipelines.lesion_inference import LesionSegmentation
+from lesionwatch.pipelines.lesion_inference import HelperModel, LesionSegmentation
 
 __all__ = [
     "PIPELINES",
@@ -40,6 +40,7 @@ class PipelineInputs:
     current: Mapping[SeriesClass, ImageVolume]
     prior: Mapping[SeriesClass, ImageVolume] = field(default_factory=dict)
     reference_lesions: ImageVolume | None = None
+    helpers: Mapping[str, HelperModel] = field(default_factory=dict)  # spec.helper_models
 
 
 Runner = Callable[
@@ -62,6 +63,8 @@ class PipelineSpec:
     reference: str | None = None
     # What a reader must know about this pipeline's results, said in every report.
     caution: str | None = None
+    # Other pipelines whose models this one runs as well (new lesions: FLAIR at both times).
+    helper_models: tuple[str, ...] = ()
 
     @property
     def needs_prior(self) -> bool:
@@ -113,6 +116,7 @@ def _run_new_lesions(
         card,
         inference,
         config,
+        flair=inputs.helpers["flair"],
     )
 
 
@@ -158,6 +162,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             result_series=SeriesClass.FLAIR,
             prior_series=(SeriesClass.FLAIR,),
             run=_run_new_lesions,
+            helper_models=("flair",),
         ),
         PipelineSpec(
             name="enhancing",

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from lesionwatch.config.schema import InferenceConfig, PipelinesConfig, SeriesClass
 from lesionwatch.dicom_io.image_volume import ImageVolume
-from lesionwatch.pipelines.lesion_inference import LesionSegmentation
+from lesionwatch.pipelines.lesion_inference import HelperModel, LesionSegmentation
 from lesionwatch.pipelines.model_cache import ModelCache
 from lesionwatch.pipelines.registry import PipelineInputs, PipelineSpec, get_pipeline
 
@@ -46,8 +46,12 @@ def run_pipeline(
             }
             reference_timings[f"reference.{reference.name}"] = time.perf_counter() - started
     loaded = models.get(spec)
+    helpers = {}
+    for name in spec.helper_models:
+        helper = models.get(get_pipeline(name))
+        helpers[name] = HelperModel(helper.network, helper.card, getattr(pipelines, name))
     segmentation = spec.run(
-        PipelineInputs(current, prior, reference_lesions),
+        PipelineInputs(current, prior, reference_lesions, helpers),
         loaded.network,
         loaded.card,
         inference,

@@ -204,6 +204,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     )
     if outputs.review:
         print(f"plausibility check: {outputs.review}")
+    if outputs.change:
+        print(outputs.change)
     if args.table:
         print(f"wrote {args.table}")
     for path in outputs.dicom_files:

@@ -206,6 +206,7 @@ def execute_pipeline(
     from lesionwatch.dicom_io.results import FindingInput, JobIdentity, build_finding_objects
     from lesionwatch.pipelines.registry import get_pipeline
     from lesionwatch.pipelines.runner import run_pipeline
+    from lesionwatch.service.change_record import change_record
 
     data_dir = Path(settings.data_dir)
     spec = get_pipeline(request.pipeline)
@@ -247,6 +248,9 @@ def execute_pipeline(
         reference_lesions=reference,
     )  # fmt: skip
     timings.update(segmentation.timings_s)
+    change = segmentation.change
+    if change is not None and not change.reliable:
+        return _unreliable_comparison(request, spec, loaded, change, timings, models)
 
     started = time.perf_counter()
     objects = build_finding_objects(
@@ -289,13 +293,7 @@ def execute_pipeline(
         "lesion_count": len(entry.lesions),
         "total_volume_ml": entry.total_volume_ml,
         "lesions": [asdict(lesion) for lesion in entry.lesions],
-        "prior": None
-        if request.prior is None or not spec.needs_prior
-        else {
-            "study_instance_uid": request.prior.study_instance_uid,
-            "study_date": request.prior.study_date,
-            "files": [f for s in request.prior.series.values() for f in s.files],
-        },
+        "prior": _prior_record(request) if spec.needs_prior else None,
         "objects": [
             {
                 "sop_instance_uid": str(ds.SOPInstanceUID),
@@ -308,6 +306,7 @@ def execute_pipeline(
         "capture_slices": list(objects.capture_slices),
         "mask_file": str((out_dir / MASK_FILE).relative_to(data_dir)),
         "review": review_record(segmentation.review),
+        "change": None if change is None else change_record(change),
         "notes": [asdict(note) for note in finding_notes(spec, segmentation.review)],
         "device": str(models.device),
     }
@@ -318,6 +317,56 @@ def execute_pipeline(
     return ExecResult(
         tuple(str(p.relative_to(data_dir)) for p in written), record, timings, summary
     )
+
+
+def _prior_record(request: PipelineRequest) -> dict[str, Any] | None:
+    if request.prior is None:
+        return None
+    return {
+        "study_instance_uid": request.prior.study_instance_uid,
+        "study_date": request.prior.study_date,
+        "files": [f for s in request.prior.series.values() for f in s.files],
+    }
+
+
+def _unreliable_comparison(
+    request: PipelineRequest,
+    spec: Any,
+    loaded: Any,
+    change: Any,
+    timings: dict[str, float],
+    models: Any,
+) -> ExecResult:
+    """A prior that could not be registered: no lesion is reported (never a wrong count);
+    the report says the comparison is unreliable and why."""
+    from lesionwatch.dicom_io.sr import AnalysisState
+    from lesionwatch.service.change_record import change_record
+
+    label = _FINDING_LABELS.get(spec.finding_type.value, spec.name)
+    date = request.prior.study_date if request.prior is not None else ""
+    when = f" of {date[:4]}-{date[4:6]}-{date[6:]}" if len(date) == 8 else ""
+    note = ReportNote(
+        AnalysisState.ANALYSIS_FAILED.value,
+        f"{label}: not assessed, comparison with the prior study{when} unreliable: "
+        f"{change.unreliable_reason()}",
+    )
+    record = {
+        "kind": "finding",
+        "pipeline": spec.name,
+        "finding_type": spec.finding_type.value,
+        "comparison_unreliable": True,
+        "algorithm": asdict(loaded.algorithm),
+        "lesion_count": None,
+        "lesions": [],
+        "seg": None,
+        "objects": [],
+        "capture_slices": list(request.previous_capture_slices),
+        "prior": _prior_record(request),
+        "change": change_record(change),
+        "notes": [asdict(note)],
+        "device": str(models.device),
+    }
+    return ExecResult((), record, timings, "comparison with the prior unreliable: not assessed")
 
 
 def review_record(review: Any) -> dict[str, Any] | None:
@@ -393,6 +442,7 @@ def execute_report(request: ReportRequest, settings: ExecutorSettings) -> ExecRe
         FindingReport,
         PriorStudyReference,
     )
+    from lesionwatch.service.change_record import attach_change_status, change_summary
 
     data_dir = Path(settings.data_dir)
     started = time.perf_counter()
@@ -403,7 +453,13 @@ def execute_report(request: ReportRequest, settings: ExecutorSettings) -> ExecRe
     seen: set[str] = set()
     objects: list[Dataset] = []
     prior: PriorStudyReference | None = None
+    change = next(
+        (f["change"] for f in findings if f.get("change") and f["change"].get("reliable")), None
+    )
+    change_notes: list[AnalysisNote] = []
     for finding in findings:
+        if finding.get("comparison_unreliable"):
+            continue  # its note says why; no lesions, no prior compared
         seg = None
         if finding.get("seg") is not None:
             # with pixels: the SR locates each lesion on its largest slice from the SEG
@@ -413,10 +469,21 @@ def execute_report(request: ReportRequest, settings: ExecutorSettings) -> ExecRe
             if str(ds.SOPInstanceUID) not in seen:
                 seen.add(str(ds.SOPInstanceUID))
                 evidence.append(ds)
+        lesions = [_lesion(row) for row in finding["lesions"]]
+        if change is not None and finding["finding_type"] == FindingType.MS_LESION.value:
+            lesions, matched = attach_change_status(lesions, change)
+            if not matched:
+                change_notes.append(
+                    AnalysisNote(
+                        AnalysisState.QUALITY_WARNING,
+                        "FLAIR lesions: change since the prior is given as counts only (the "
+                        "FLAIR job and the lesion tracking used different models or settings)",
+                    )
+                )
         entries.append(
             FindingReport(
                 FindingType(finding["finding_type"]),
-                [_lesion(row) for row in finding["lesions"]],
+                lesions,
                 seg,
                 int(finding["segment_number"]),
                 finding["source_series_instance_uid"],
@@ -429,8 +496,12 @@ def execute_report(request: ReportRequest, settings: ExecutorSettings) -> ExecRe
                 study_instance_uid=prior_info["study_instance_uid"],
                 study_date=prior_info["study_date"] or None,
                 series=load_source_headers(data_dir, prior_info["files"]),
+                change=None
+                if finding.get("change") is None
+                else change_summary(finding["change"], len(finding["lesions"])),
             )
     notes = [AnalysisNote(AnalysisState(n.state), n.detail) for n in request.notes]
+    notes += change_notes
     for finding in findings:
         notes += [
             AnalysisNote(AnalysisState(n["state"]), n["detail"]) for n in finding.get("notes", [])

@@ -51,6 +51,7 @@ class SegmentOutputs:
     timings_s: dict[str, float]
     dicom_files: tuple[Path, ...] = ()
     review: str = ""  # what a candidate check removed (enhancing), in words
+    change: str = ""  # the comparison with the prior (new lesions), in words
 
 
 def load_case_image(source: Path) -> CaseImage:
@@ -142,7 +143,18 @@ def segment(
         timings_s=result.timings_s,
         dicom_files=files,
         review="" if result.review is None else result.review.summary(),
+        change=_change_text(result.change, len(result.lesions)),
     )
+
+
+def _change_text(change: object, new_lesions: int) -> str:
+    from lesionwatch.service.change_record import change_record, change_summary
+
+    if change is None:
+        return ""
+    if not change.reliable:  # type: ignore[attr-defined]
+        return f"Change since prior: not assessed, {change.unreliable_reason()}"  # type: ignore[attr-defined]
+    return change_summary(change_record(change), new_lesions).text()
 
 
 def _write_dicom_results(
@@ -164,6 +176,7 @@ def _write_dicom_results(
     from lesionwatch.dicom_io.sr import AnalysisNote, AnalysisState, PriorStudyReference
     from lesionwatch.pipelines.registry import get_pipeline
 
+    from .change_record import change_record, change_summary
     from .job_execution import finding_notes, write_result_files
 
     spec = get_pipeline(pipeline)
@@ -186,12 +199,24 @@ def _write_dicom_results(
         for note in finding_notes(spec, result.review)  # type: ignore[attr-defined]
     ]
     prior_flair = prior_images.get(SeriesClass.FLAIR)
+    change = getattr(result, "change", None)
+    if change is not None and not change.reliable:
+        notes.append(
+            AnalysisNote(
+                AnalysisState.ANALYSIS_FAILED,
+                f"New lesions: not assessed, {change.unreliable_reason()}",
+            )
+        )
     if spec.needs_prior and prior_flair is not None and prior_flair.datasets:
         first = prior_flair.datasets[0]
+        reliable = change is not None and change.reliable
         prior = PriorStudyReference(
             str(first.StudyInstanceUID),
             str(first.get("StudyDate", "")) or None,
             prior_flair.datasets,
+            change=change_summary(change_record(change), len(result.lesions))  # type: ignore[attr-defined]
+            if reliable
+            else None,
         )
     elif spec.needs_prior:
         raise SegmentInputError(

@@ -12,29 +12,33 @@ __all__ = ["add_training_commands"]
 _TASKS = ["flair", "new_lesions", "enhancing"]
 
 
-def _synthetic_set(args: argparse.Namespace, task: str) -> Any:
+# `channels`: those of the model the cases are for (a card's); None: the task's default.
+Channels = tuple[str, ...] | None
+
+
+def _synthetic_set(args: argparse.Namespace, task: str, channels: Channels = None) -> Any:
     from lesionwatch.models.datasets import synthetic_brains, synthetic_case_set
 
     datasets = args.datasets.split(",") if args.datasets else None
     brains = synthetic_brains(task, args.data_root, datasets=datasets)
-    return synthetic_case_set(task, brains, args.synthetic, args.synthetic_seed)
+    return synthetic_case_set(task, brains, args.synthetic, args.synthetic_seed, channels=channels)
 
 
-def _real_set(args: argparse.Namespace, task: str) -> Any:
+def _real_set(args: argparse.Namespace, task: str, channels: Channels = None) -> Any:
     from lesionwatch.models.datasets import real_case_set
 
     datasets = args.datasets.split(",") if args.datasets else None
-    return real_case_set(task, args.data_root, datasets)
+    return real_case_set(task, args.data_root, datasets, channels=channels)
 
 
-def _case_set(args: argparse.Namespace, task: str) -> Any:
+def _case_set(args: argparse.Namespace, task: str, channels: Channels = None) -> Any:
     from lesionwatch.models.datasets import CaseSet
 
     parts = []
     if args.synthetic:
-        parts.append(_synthetic_set(args, task))
+        parts.append(_synthetic_set(args, task, channels))
     if args.real or not args.synthetic:
-        parts.append(_real_set(args, task))
+        parts.append(_real_set(args, task, channels))
     return parts[0] if len(parts) == 1 else CaseSet.concat(parts)
 
 
@@ -83,7 +87,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from lesionwatch.models.finetune import FinetuneSettings, finetune
     from lesionwatch.models.weights import read_card
 
-    task = read_card(args.from_weights).task
+    card = read_card(args.from_weights)
+    task, channels = card.task, tuple(card.architecture.channels)
     extra: dict[str, Any] = (
         {"freeze_encoder_steps": args.freeze_encoder_steps}
         if args.freeze_encoder_steps is not None
@@ -93,9 +98,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if not args.synthetic:
             raise SystemExit("--rehearsal-fraction needs --synthetic N cases to rehearse")
         extra["rehearsal_fraction"] = args.rehearsal_fraction
-        cases, rehearsal = _real_set(args, task), _synthetic_set(args, task)
+        cases = _real_set(args, task, channels)
+        rehearsal = _synthetic_set(args, task, channels)
     else:
-        cases, rehearsal = _case_set(args, task), None
+        cases, rehearsal = _case_set(args, task, channels), None
     settings = FinetuneSettings(**_optimisation(args), **extra)
     result = finetune(
         args.from_weights,
@@ -116,7 +122,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from lesionwatch.models.evaluate import EvaluateSettings, evaluate, record_metrics_in_card
     from lesionwatch.models.weights import read_card
 
-    task = read_card(args.weights).task
+    card = read_card(args.weights)
+    task, channels = card.task, tuple(card.architecture.channels)
     settings = EvaluateSettings(
         **{
             k: v
@@ -128,7 +135,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             if v
         }
     )
-    report = evaluate(args.weights, _case_set(args, task), settings, task=task)
+    report = evaluate(args.weights, _case_set(args, task, channels), settings, task=task)
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2))

@@ -26,7 +26,13 @@ from lesionwatch.pipelines.steps.resampling import (
     resample_to_grid,
 )
 
-__all__ = ["RegistrationError", "RegistrationKind", "RegistrationResult", "register"]
+__all__ = [
+    "RegistrationError",
+    "RegistrationKind",
+    "RegistrationResult",
+    "register",
+    "similarity_in_mask",
+]
 
 # ANTs names of the transform types, per kind.
 _ANTS_TYPES = {"rigid": "Rigid", "affine": "Affine", "syn": "SyN"}
@@ -156,3 +162,20 @@ def register(
     )
     result.warped = result.apply(moving)
     return result
+
+
+def similarity_in_mask(fixed: ImageVolume, warped: ImageVolume, mask: ImageVolume) -> float:
+    """Pearson correlation of two same-contrast images inside `mask` (all on one grid).
+
+    The check after a prior -> current FLAIR registration: the same brain with the same
+    contrast correlates strongly once aligned (0.8-0.9 measured on real pairs, see
+    NewLesionsPipelineConfig.min_registration_similarity), a misaligned one does not.
+    """
+    if not (fixed.same_grid(warped) and fixed.same_grid(mask)):
+        raise RegistrationError("similarity needs the images and the mask on one grid")
+    inside = mask.array > 0
+    a = fixed.array[inside].astype(np.float64)
+    b = warped.array[inside].astype(np.float64)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])

@@ -178,6 +178,17 @@ def test_serve_fetches_the_prior_from_orthanc_and_reports_new_lesions(tmp_path: 
         s.startswith("Compared with prior study") and PRIOR.study_instance_uid in s
         for s in summary.statements
     ), summary.statements
+    # The change summary: counts, activity, and each FLAIR lesion's status since the prior.
+    [change] = [s for s in summary.statements if s.startswith("Change since prior")]
+    counts = {f.label: f.lesion_count for f in summary.findings}
+    assert f"Change since prior: {counts['New MS lesion']} new, " in change, change
+    assert summary.radiological_activity is not None
+    assert f"Radiological activity: {'yes' if summary.radiological_activity else 'no'}" in change
+    statuses = summary.change_statuses.get("MS lesion (FLAIR)", {})
+    assert sum(statuses.values()) <= counts["MS lesion (FLAIR)"]
+    assert set(statuses) <= {"New", "Enlarged", "No change", "Decreased"}
+    for word, meaning in (("enlarging", "Enlarged"), ("stable", "No change")):
+        assert f"{statuses.get(meaning, 0)} {word}" in change, (statuses, change)
     labels = {str(ds.SegmentSequence[0].SegmentLabel): ds for ds in results["SEG"]}
     assert set(labels) == {"MS lesion (FLAIR)", "New MS lesion"}
     assert {str(ds.StudyInstanceUID) for group in results.values() for ds in group} == {
@@ -231,6 +242,8 @@ def test_serve_without_an_answering_pacs_processes_the_study_by_the_deadline(
     [sr_path] = _sr_files(tmp_path)
     summary = read_report_summary(pydicom.dcmread(sr_path))
     assert {f.label for f in summary.findings} == {"MS lesion (FLAIR)"}
+    assert summary.radiological_activity is None  # nothing compared, nothing claimed
+    assert not any(s.startswith("Change since prior") for s in summary.statements)
     [note] = [s for s in summary.statements if "New lesions" in s]
     assert note.startswith("No prior study available: New lesions since the prior study not ")
     assert "no prior could be retrieved from PACS (search still searching at its deadline" in note

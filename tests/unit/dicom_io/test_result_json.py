@@ -43,6 +43,7 @@ def test_export_is_plain_json_with_study_and_prior(results: ResultObjects, study
     assert document["prior_study"] == {
         "study_instance_uid": study.prior.study_instance_uid,
         "study_date": "20230301",
+        "change": None,  # no lesion tracking in this report
     }
     assert document["states"] == [{"state": "quality_warning", "detail": "FLAIR has 4 mm slices"}]
 

@@ -290,3 +290,71 @@ def _uid(group: Dataset, code: str) -> str:
         for i in group.ContentSequence
         if i.ValueType == "UIDREF" and i.ConceptNameCodeSequence[0].CodeValue == code
     )
+
+
+def test_change_since_prior_per_lesion_and_as_activity(study: Study, seg: Dataset) -> None:
+    from dataclasses import replace
+
+    from lesionwatch.dicom_io.sr import ChangeSummary
+
+    findings = _findings(study, seg)
+    statuses = ["new", "enlarging", "stable", "shrinking", None]
+    flair = findings[0]
+    tagged = [
+        replace(lesion, change_status=statuses[i % len(statuses)], prior_volume_ml=0.01)
+        for i, lesion in enumerate(flair.lesions)
+    ]
+    findings[0] = replace(flair, lesions=tagged)
+    change = ChangeSummary(
+        new=1,
+        enlarging=1,
+        stable=1,
+        shrinking=1,
+        disappeared=2,
+        prior_lesions=5,
+        registration="affine",
+        similarity=0.91,
+    )
+    sr = _report(study, seg, findings=findings, prior=replace(study.prior, change=change))
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    groups = {
+        g.tracking_identifier: g
+        for g in parsed.content.get_volumetric_roi_measurement_groups()
+        if not g.tracking_identifier.startswith("Summary")
+    }
+    expected = {
+        "new": "New",
+        "enlarging": "Enlarged",
+        "stable": "No change",
+        "shrinking": "Decreased",
+    }
+    for lesion in tagged:
+        group = groups[f"MS lesion (FLAIR) {lesion.lesion_id}"]
+        evaluations = group.get_qualitative_evaluations(
+            name=hd.sr.CodedConcept("121375", "DCM", "Assessment By Comparison")
+        )
+        if lesion.change_status is None:
+            assert evaluations == []
+        else:
+            assert [e.value.meaning for e in evaluations] == [expected[lesion.change_status]]
+    root = sr.ContentSequence
+    evaluations = next(i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "C0034375")
+    activity = next(
+        i for i in evaluations.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "ACT-T2"
+    )
+    assert activity.ConceptNameCodeSequence[0].CodingSchemeDesignator == "99LWATCH"
+    assert activity.ConceptCodeSequence[0].CodeMeaning == "Yes"
+    summary = next(t for t in _texts(sr) if t.startswith("Change since prior"))
+    assert "1 new, 1 enlarging, 1 stable, 1 shrinking" in summary
+    assert "2 of 5 prior lesion(s) no longer seen" in summary
+    assert "Radiological activity: yes" in summary
+
+    quiet = replace(change, new=0, enlarging=0)
+    sr = _report(study, seg, prior=replace(study.prior, change=quiet))
+    evaluations = next(
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    )
+    activity = next(
+        i for i in evaluations.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "ACT-T2"
+    )
+    assert activity.ConceptCodeSequence[0].CodeMeaning == "No"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from scipy import ndimage
 
 from lesionwatch.dicom_io.image_volume import ImageVolume
@@ -37,7 +38,13 @@ from lesionwatch.models.finetune import FinetuneSettings, finetune
 from lesionwatch.models.synthetic_lesions import LesionModel
 from lesionwatch.models.train import TrainingError, TrainSettings, compute_loss, train
 from lesionwatch.models.unet3d import UNet3D
-from lesionwatch.models.weights import card_path_for, file_sha256, load_model
+from lesionwatch.models.weights import (
+    ModelCardMismatchError,
+    card_path_for,
+    file_sha256,
+    load_model,
+    load_task_model,
+)
 
 STEPS = 8
 SETTINGS = TrainSettings(
@@ -118,6 +125,49 @@ def test_synthetic_cases_of_the_other_tasks(brain: BrainImages, task: str):
     assert float(difference[lesion].mean()) > 0.5 + float(difference[case.brain].mean())
 
 
+TWO_CHANNEL = ("prior_flair_registered", "current_flair")
+
+
+def test_new_lesions_two_channel_recipe_trains_fine_tunes_and_evaluates(
+    brain: BrainImages, tmp_path: Path
+):
+    """A new_lesions recipe without the difference channel: the same synthetic pairs minus
+    that channel, a 2-channel network, cards naming the set, and no 3-channel case mixed in."""
+    from lesionwatch.models.reproduce import PLANS, _scratch_settings
+
+    two = synthetic_case_set(
+        "new_lesions", [brain], 2, seed=4, lesion_model=MODEL, channels=TWO_CHANNEL
+    )
+    three = synthetic_case_set("new_lesions", [brain], 2, seed=4, lesion_model=MODEL)
+    case, full = two.load(0), three.load(0)
+    assert case.channels == TWO_CHANNEL and np.array_equal(case.image, full.image[:2])
+    assert np.array_equal(case.label, full.label) and "input channels" in two.description
+    settings = TrainSettings(
+        **{**SETTINGS.model_dump(), "task": "new_lesions", "channels": TWO_CHANNEL, "steps": 2}
+    )
+    pretrained = train(settings, two, tmp_path / "pretrain")
+    assert pretrained.card.architecture.channels == TWO_CHANNEL
+    assert pretrained.card.architecture.in_channels == 2
+    model, _ = load_task_model(pretrained.weights_path, "new_lesions")
+    assert model.in_channels == 2
+    with pytest.raises(ModelCardMismatchError, match="input channels"):
+        load_model(pretrained.weights_path, "new_lesions", TASK_CHANNELS["new_lesions"])
+    tune = FinetuneSettings(
+        **settings.model_dump(exclude={"task", "channels", "depth", "base_width", "dilation"})
+    ).model_copy(update={"steps": 1})
+    tuned = finetune(pretrained.weights_path, two.subset([1]), tmp_path / "tuned", tune)
+    assert tuned.card.architecture.channels == TWO_CHANNEL
+    with pytest.raises(TrainingError, match="carries channels"):
+        finetune(pretrained.weights_path, three.subset([1]), tmp_path / "mixed", tune)
+    scores = EvaluateSettings(device="cpu", cpu_threads=1, step_mm=32, progress=False)
+    assert len(evaluate(tuned.weights_path, two.subset([0]), scores).cases) == 1
+    with pytest.raises(ValidationError, match="cannot take channels"):
+        TrainSettings(task="flair", channels=TWO_CHANNEL)
+    plan = PLANS["new_lesions"].with_channels(TWO_CHANNEL)
+    assert plan.pretrain.input_channels == _scratch_settings(plan).input_channels == TWO_CHANNEL
+    assert PLANS["new_lesions"].pretrain.input_channels == TASK_CHANNELS["new_lesions"]
+
+
 def test_real_cases_are_found_under_a_data_root(test_data: Path):
     specs = find_real_cases("flair", test_data)
     assert [s.case_id for s in specs] == ["open_ms_data/cross_sectional/patient07"]
@@ -178,7 +228,9 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, cases: CaseSet, tmp_p
 
 def test_finetune_records_parent_and_freezes_encoder(full_run, cases: CaseSet, tmp_path: Path):
     settings = FinetuneSettings(
-        **SETTINGS.model_dump(exclude={"task", "depth", "base_width", "dilation", "steps"}),
+        **SETTINGS.model_dump(
+            exclude={"task", "channels", "depth", "base_width", "dilation", "steps"}
+        ),
         steps=1,
         freeze_encoder_steps=1,
     )
@@ -201,7 +253,15 @@ def test_finetune_rehearses_pretraining_cases_in_the_asked_share(
     the card says so, and asking for rehearsal without cases is refused."""
     settings = FinetuneSettings(
         **SETTINGS.model_dump(
-            exclude={"task", "depth", "base_width", "dilation", "steps", "balance_subjects"}
+            exclude={
+                "task",
+                "channels",
+                "depth",
+                "base_width",
+                "dilation",
+                "steps",
+                "balance_subjects",
+            }
         ),
         steps=12,
         rehearsal_fraction=0.5,
@@ -238,7 +298,7 @@ def test_evaluate_reports_per_case_and_mean_se(full_run, cases: CaseSet, tmp_pat
 
 def test_loocv_scores_every_held_out_case_in_three_arms(full_run, cases: CaseSet, tmp_path: Path):
     tiny = FinetuneSettings(
-        **SETTINGS.model_dump(exclude={"task", "depth", "base_width", "dilation"})
+        **SETTINGS.model_dump(exclude={"task", "channels", "depth", "base_width", "dilation"})
     )
     settings = LoocvSettings(
         finetune=tiny.model_copy(update={"steps": 2}),
@@ -282,7 +342,7 @@ def test_seed_spread_trains_each_extra_seed_once(
     from lesionwatch.models import reproduce
 
     finetune_settings = FinetuneSettings(
-        **SETTINGS.model_dump(exclude={"task", "depth", "base_width", "dilation"})
+        **SETTINGS.model_dump(exclude={"task", "channels", "depth", "base_width", "dilation"})
     )
     plan = reproduce.ReproducePlan(
         task="flair",

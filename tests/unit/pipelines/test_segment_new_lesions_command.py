@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from known_unet import difference_threshold_unet
+from known_unet import difference_threshold_unet, intensity_threshold_unet
 from moved_pairs import SPACING_MM, MovedPair, moved_pair
 
 from lesionwatch.dicom_io.image_volume import ImageVolume
@@ -46,8 +46,16 @@ def test_segment_new_lesions_writes_the_new_lesion_on_the_current_grid(
     prior, current = _save_pair(tmp_path, pair)
     channels = ("prior_flair_registered", "current_flair", "difference")
     weights = _weights(tmp_path, "new_lesions", channels, 3.0)
+    flair_weights = tmp_path / "weights" / "flair.pt"  # tracking runs it at both time points
+    save_model(
+        intensity_threshold_unet(3.0, 8.0), flair_weights, task="flair", channels=("flair",),
+        version="test", spacing_mm=(SPACING_MM,) * 3, patch_size_mm=64,
+        training_data="none: weights set by hand for a plumbing test",
+    )  # fmt: skip
     config = tmp_path / "lw.yaml"
-    config.write_text(CONFIG)
+    config.write_text(
+        CONFIG + f"  flair: {{weights: {flair_weights}, min_lesion_volume_mm3: 20.0}}\n"
+    )
     out = tmp_path / "out"
     status = main(
         [
@@ -60,6 +68,8 @@ def test_segment_new_lesions_writes_the_new_lesion_on_the_current_grid(
     printed = capsys.readouterr().out
     assert "1 lesions" in printed and "time per step" in printed
     assert "registration.rigid" in printed  # the config's kind reached the pipeline
+    assert "Change since prior: 1 new" in printed
+    assert "Radiological activity: yes" in printed
 
     mask = ImageVolume.load(out / "mask.nii.gz")
     assert mask.same_grid(ImageVolume.load(current))
