@@ -33,9 +33,10 @@ import json
 import math
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,7 +45,7 @@ import torch
 from lesionwatch.config.schema import InferenceConfig, NewLesionsPipelineConfig, PipelineConfig
 from lesionwatch.dicom_io.image_volume import ImageVolume
 from lesionwatch.models.metrics import evaluate_case
-from lesionwatch.models.weights import load_model, read_card
+from lesionwatch.models.weights import load_model, load_task_model, read_card
 from lesionwatch.pipelines.lesion_inference import HelperModel, lesions_to_source_grid
 from lesionwatch.pipelines.lesion_tracking import TrackingSettings, track_lesions
 from lesionwatch.pipelines.new_lesions import (
@@ -55,6 +56,7 @@ from lesionwatch.pipelines.new_lesions import (
 )
 from lesionwatch.pipelines.postprocess import label_lesions
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "models" / "weights"
 PATIENTS = ("patient01", "patient03", "patient19")
@@ -141,6 +143,15 @@ def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
+def _pickled(path: Path, compute: Callable[[], T]) -> T:
+    """`compute()`, kept in `path` as a pickle and read from there when it exists."""
+    if path.is_file():
+        return pickle.loads(path.read_bytes())  # type: ignore[no-any-return]
+    value = compute()
+    path.write_bytes(pickle.dumps(value))
+    return value
+
+
 def _cached_evidence(
     folder: Path,
     registration: str,
@@ -150,22 +161,21 @@ def _cached_evidence(
 ) -> tuple[Any, dict[str, float], float]:
     """(evidence, timings, similarity) of one pair and registration kind, computed once
     (registration, both FLAIR inferences, tracking) and kept in `cache` as a pickle."""
-    path = cache / f"{folder.name}_{registration}.pkl"
-    if path.is_file():
-        return pickle.loads(path.read_bytes())
-    prior = ImageVolume.load(folder / "study1_FLAIR.nii.gz")
-    current = ImageVolume.load(folder / "study2_FLAIR.nii.gz")
-    config = NewLesionsPipelineConfig(registration=registration)  # type: ignore[arg-type]
-    card = read_card(WEIGHTS / "new_lesions.pt")
-    started = time.perf_counter()
-    pair, analysis = register_prior(prior, current, card, config)
-    timings = dict(pair.timings_s)
-    timings["register_prior (total)"] = time.perf_counter() - started
-    evidence = analyse_change(pair, None, card, flair, inference, config)
-    timings.update(evidence.timings_s)
-    value = (evidence, timings, analysis.similarity)
-    path.write_bytes(pickle.dumps(value))
-    return value
+
+    def compute() -> tuple[Any, dict[str, float], float]:
+        prior = ImageVolume.load(folder / "study1_FLAIR.nii.gz")
+        current = ImageVolume.load(folder / "study2_FLAIR.nii.gz")
+        config = NewLesionsPipelineConfig(registration=registration)  # type: ignore[arg-type]
+        card = read_card(WEIGHTS / "new_lesions.pt")
+        started = time.perf_counter()
+        pair, analysis = register_prior(prior, current, card, config)
+        timings = dict(pair.timings_s)
+        timings["register_prior (total)"] = time.perf_counter() - started
+        evidence = analyse_change(pair, None, card, flair, inference, config)
+        timings.update(evidence.timings_s)
+        return evidence, timings, analysis.similarity
+
+    return _pickled(cache / f"{folder.name}_{registration}.pkl", compute)
 
 
 def _cached_subtraction(
@@ -179,18 +189,16 @@ def _cached_subtraction(
 ) -> tuple[ImageVolume, float]:
     """The probability of one subtraction model on this pair (cached) and its seconds."""
     name = label.replace("/", "_").replace(" ", "_").replace("(", "").replace(")", "")
-    path = cache / f"{folder.name}_{registration}_{name}.pkl"
-    if path.is_file():
-        return pickle.loads(path.read_bytes())
-    card = read_card(weights)
-    network, card = load_model(weights, "new_lesions", card.architecture.channels)
-    started = time.perf_counter()
-    probability, _ = subtraction_candidates(
-        evidence.pair, network, card, inference, NewLesionsPipelineConfig()
-    )
-    value = (probability, time.perf_counter() - started)
-    path.write_bytes(pickle.dumps(value))
-    return value
+
+    def compute() -> tuple[ImageVolume, float]:
+        network, card = load_task_model(weights, "new_lesions")
+        started = time.perf_counter()
+        probability, _ = subtraction_candidates(
+            evidence.pair, network, card, inference, NewLesionsPipelineConfig()
+        )
+        return probability, time.perf_counter() - started
+
+    return _pickled(cache / f"{folder.name}_{registration}_{name}.pkl", compute)
 
 
 def evaluate_pair(
